@@ -1,0 +1,43 @@
+import os
+
+import grpo  # noqa: F401  (loads the fast BLAS before mlx)
+import mlx.core as mx
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=25,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    max_examples=100,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def key():
+    """A fresh explicit RNG key (equinox's getkey)."""
+    return mx.random.key(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A seeded ~0.37M-parameter Llama model + char tokenizer, written to disk once."""
+    from grpo.io.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """``(model, tokenizer)`` loaded through the real ``mlx_lm.load`` path."""
+    import mlx_lm
+
+    return mlx_lm.load(str(tiny_model_dir))
