@@ -30,3 +30,44 @@ def token_batches(draw, max_rows=6, max_tokens=7):
     mask = draw(arrays((n, t), st.sampled_from([0.0, 1.0])))
     mask[:, 0] = 1.0
     return logp, old.astype(np.float32), ref.astype(np.float32), adv, mask
+
+
+# --- core-math: rewards and logits -----------------------------------------------------
+
+# Rewards as scorers produce them: ties from a few discrete values, continuous values, NaN.
+reward_values = st.one_of(
+    st.sampled_from([0.0, 0.5, 1.0]),
+    st.floats(-5.0, 5.0, allow_nan=False, allow_infinity=False, width=32),
+    st.just(float("nan")),
+)
+# Coarse rewards (multiples of 0.5): any non-uniform group has std >= ~0.2, which keeps the
+# 1e-4 epsilon's effect bounded in scale-invariance and unit-std properties.
+coarse_reward_values = st.one_of(
+    st.integers(-8, 8).map(lambda k: 0.5 * k),
+    st.just(float("nan")),
+)
+
+
+@st.composite
+def reward_matrices(
+    draw, max_groups=4, min_group_size=1, max_group_size=6, max_funcs=3, elements=reward_values
+):
+    """(rewards_per_func [N, F] float32 with NaN, weights [F] float32, group_size)."""
+    g = draw(st.integers(min_group_size, max_group_size))
+    b = draw(st.integers(1, max_groups))
+    f = draw(st.integers(1, max_funcs))
+    rpf = draw(hnp.arrays(np.float32, (b * g, f), elements=elements))
+    weights = draw(hnp.arrays(np.float32, (f,), elements=st.floats(0.1, 2.0, width=32)))
+    return rpf, weights, g
+
+
+@st.composite
+def logits_and_tokens(draw, max_lead=2, max_tokens=5, max_vocab=9):
+    """(logits [*lead, T, V] float32, tokens [*lead, T] int32, temperature)."""
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=max_lead)))
+    t = draw(st.integers(1, max_tokens))
+    v = draw(st.integers(2, max_vocab))
+    logits = draw(arrays(lead + (t, v), st.floats(-8.0, 8.0, width=32)))
+    tokens = draw(hnp.arrays(np.int32, lead + (t,), elements=st.integers(0, v - 1)))
+    temperature = draw(st.sampled_from([0.5, 1.0, 1.7]))
+    return logits, tokens, temperature
