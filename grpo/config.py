@@ -1,0 +1,427 @@
+"""``GRPOConfig``: TRL's GRPO training arguments as a frozen attrs class.
+
+Field names and meanings follow TRL 1.16 (``trl.GRPOConfig`` plus the ``TrainingArguments``
+fields GRPO uses). Defaults are TRL's except where the docstring of :class:`GRPOConfig` says
+otherwise. Invalid values and combinations raise ``ValueError`` at construction, naming the
+fields and the values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def _scale_rewards(value: Any) -> Any:
+    # TRL accepts booleans for backwards compatibility: True -> "group", False -> "none".
+    if value is True:
+        return "group"
+    if value is False:
+        return "none"
+    return value
+
+
+def _tuple_or_none(value: Any) -> Any:
+    return None if value is None else tuple(value)
+
+
+class _Errors:
+    def __init__(self):
+        self.items: list[str] = []
+
+    def check(self, ok: bool, message: str):
+        if not ok:
+            self.items.append(message)
+
+    def raise_if_any(self):
+        if self.items:
+            raise ValueError("Invalid GRPOConfig:\n  - " + "\n  - ".join(self.items))
+
+
+@attrs.frozen(kw_only=True)
+class GRPOConfig:
+    """Configuration of a GRPO run (TRL's ``GRPOConfig`` field names and meanings).
+
+    Batch sizes count *completions* (rows), as in TRL: a generation batch holds
+    ``generation_batch_size = per_device_train_batch_size * steps_per_generation`` rows,
+    i.e. ``generation_batch_size / num_generations`` prompts; it is split into
+    ``steps_per_generation`` micro-batches of ``per_device_train_batch_size`` rows, reused for
+    ``num_iterations`` passes, and every ``gradient_accumulation_steps`` micro-batches make
+    one optimizer step (``max_steps``, ``logging_steps``, ``save_steps`` count optimizer steps).
+
+    Defaults that differ from TRL's:
+        - ``use_lora=True`` (new): train LoRA adapters (mlx-lm's ``linear_to_lora_layers``)
+          instead of every weight. ``lora_rank=16``, ``lora_alpha=32`` follow TRL's
+          ``ModelConfig``; ``lora_dropout=0.0`` (TRL ``ModelConfig``: 0.05) so that rollout,
+          reference and policy forwards agree exactly by default.
+        - ``max_prompt_length=512``: TRL 1.16 removed the field (earlier TRL: 512); prompts
+          longer than this keep their last tokens (left truncation, as TRL did).
+        - ``pad_to_multiple_of=None`` pads prompt and completion lengths to the next power of
+          two (TRL: no padding), so the compiled step sees a bounded set of shapes.
+        - ``output_dir="trainer_output"`` (TRL: ``None``, which transformers maps to
+          ``"trainer_output"``).
+        - ``loss_type`` supports ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo`` (TRL also has
+          ``cispo``, ``sapo``, ``luspo``, ``vespo``).
+        - ``steps_per_generation`` must be a multiple of ``gradient_accumulation_steps``
+          (TRL lets one accumulation window span two generation batches).
+        - ``quantize_bits`` / ``quantize_group_size`` (new): quantize the base model at load
+          for QLoRA (TRL: ``load_in_4bit`` through bitsandbytes).
+        - No vLLM, DeepSpeed, tool calling, entropy bonus or multimodal fields.
+    """
+
+    # -- model and LoRA --------------------------------------------------------------------
+    use_lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_num_layers: int | None = None
+    lora_target_modules: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_tuple_or_none
+    )
+    quantize_bits: int | None = None
+    quantize_group_size: int = 64
+    trust_remote_code: bool = False
+
+    # -- data ----------------------------------------------------------------------------
+    max_prompt_length: int | None = 512
+    shuffle_dataset: bool = True
+    pad_to_multiple_of: int | None = None
+
+    # -- generation ----------------------------------------------------------------------
+    num_generations: int = 8
+    max_completion_length: int = 512
+    generation_batch_size: int | None = None
+    steps_per_generation: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    # -- loss ----------------------------------------------------------------------------
+    beta: float = 0.0
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    importance_sampling_level: str = "token"
+    reward_weights: tuple[float, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+    multi_objective_aggregation: str = "sum_then_normalize"
+    scale_rewards: str = attrs.field(default="group", converter=_scale_rewards)
+    loss_type: str = "dapo"
+    mask_truncated_completions: bool = False
+    top_entropy_quantile: float = 1.0
+
+    # -- optimisation --------------------------------------------------------------------
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    optim: str = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 3.0
+    seed: int = 42
+
+    # -- logging, evaluation, checkpoints ------------------------------------------------
+    output_dir: str = "trainer_output"
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    eval_steps: int | None = None
+    per_device_eval_batch_size: int = 8
+    num_generations_eval: int | None = None
+    log_completions: bool = False
+    num_completions_to_print: int | None = None
+    disable_tqdm: bool = False
+    report_to: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self):
+        errors = _Errors()
+        for check in (_check_batches, _check_generation, _check_loss, _check_optim, _check_misc):
+            check(self, errors)
+        errors.raise_if_any()
+
+    # -- resolved batch geometry (TRL fills these in __post_init__; we keep fields as given
+    # so attrs.evolve stays valid, and resolve here) ----------------------------------------
+    @property
+    def resolved_steps_per_generation(self) -> int:
+        """Micro-batches per generation batch (TRL default: ``gradient_accumulation_steps``)."""
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size // self.per_device_train_batch_size
+        return self.gradient_accumulation_steps
+
+    @property
+    def resolved_generation_batch_size(self) -> int:
+        """Rows (completions) per generation batch."""
+        return self.per_device_train_batch_size * self.resolved_steps_per_generation
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Prompts sampled per generation batch: ``generation_batch_size / num_generations``."""
+        return self.resolved_generation_batch_size // self.num_generations
+
+    @property
+    def optimizer_steps_per_generation(self) -> int:
+        """Optimizer steps taken on one generation batch (``num_iterations`` passes)."""
+        return (
+            self.resolved_steps_per_generation
+            * self.num_iterations
+            // self.gradient_accumulation_steps
+        )
+
+    @property
+    def resolved_epsilon_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def lora_scale(self) -> float:
+        """mlx-lm's LoRA ``scale`` = ``lora_alpha / lora_rank`` (PEFT's convention)."""
+        return self.lora_alpha / self.lora_rank
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """``warmup_steps`` if set, else ``ceil(warmup_ratio * total_steps)`` (transformers)."""
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * total_steps)
+
+    # -- conversions -----------------------------------------------------------------------
+    def to_loss_config(self):
+        """The :class:`grpo.core.loss.LossConfig` for these settings."""
+        from grpo.core.loss import LossConfig
+
+        return _build(LossConfig, self, _loss_values(self))
+
+    def to_sampling_config(self, *, eos_token_ids=(), max_tokens: int | None = None):
+        """The :class:`grpo.core.rollout.SamplingConfig` for these settings."""
+        from grpo.core.rollout import SamplingConfig
+
+        values = {
+            "max_tokens": self.max_completion_length if max_tokens is None else max_tokens,
+            "max_completion_length": self.max_completion_length
+            if max_tokens is None
+            else max_tokens,
+            "eos_token_ids": tuple(eos_token_ids),
+        }
+        return _build(SamplingConfig, self, values)
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self, recurse=True, retain_collection_types=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GRPOConfig:
+        """Build from a dict (e.g. a checkpoint's ``config.json``); unknown keys raise."""
+        names = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"GRPOConfig: unknown field(s) {unknown}")
+        return cls(**values)
+
+
+def _loss_values(cfg: GRPOConfig) -> dict:
+    return {
+        "epsilon_low": cfg.epsilon,
+        "epsilon_high": cfg.resolved_epsilon_high,
+        "max_completion_length": cfg.max_completion_length,
+    }
+
+
+def _build(target_cls, cfg: GRPOConfig, overrides: dict):
+    """Fill ``target_cls``'s attrs fields from ``overrides``, else same-named config fields."""
+    kwargs = {}
+    for f in attrs.fields(target_cls):
+        name = f.alias or f.name
+        if f.name in overrides:
+            kwargs[name] = overrides[f.name]
+        elif hasattr(cfg, f.name) and f.init:
+            kwargs[name] = getattr(cfg, f.name)
+    return target_cls(**kwargs)
+
+
+def _positive_int(errors: _Errors, cfg: GRPOConfig, *names: str, minimum: int = 1):
+    for name in names:
+        value = getattr(cfg, name)
+        errors.check(
+            isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"{name} must be an integer >= {minimum}, got {name}={value!r}",
+        )
+
+
+def _check_batches(cfg: GRPOConfig, errors: _Errors):
+    _positive_int(errors, cfg, "per_device_train_batch_size", "gradient_accumulation_steps")
+    _positive_int(errors, cfg, "num_iterations", "per_device_eval_batch_size")
+    errors.check(
+        isinstance(cfg.num_generations, int) and cfg.num_generations >= 2,
+        "GRPO needs at least 2 generations per prompt to compute group-relative advantages; "
+        f"got num_generations={cfg.num_generations!r}",
+    )
+    if len(errors.items):
+        return
+    gbs, spg, bs = cfg.generation_batch_size, cfg.steps_per_generation, cfg.per_device_train_batch_size
+    if gbs is not None and spg is not None:
+        errors.check(
+            gbs == bs * spg,
+            "generation_batch_size and steps_per_generation are mutually exclusive unless "
+            f"generation_batch_size == per_device_train_batch_size * steps_per_generation; got "
+            f"generation_batch_size={gbs}, steps_per_generation={spg}, "
+            f"per_device_train_batch_size={bs}",
+        )
+    if gbs is not None:
+        errors.check(
+            gbs >= 1 and gbs % bs == 0,
+            f"generation_batch_size={gbs} must be a positive multiple of "
+            f"per_device_train_batch_size={bs}",
+        )
+    if spg is not None:
+        _positive_int(errors, cfg, "steps_per_generation")
+    if errors.items:
+        return
+    rows, spg = cfg.resolved_generation_batch_size, cfg.resolved_steps_per_generation
+    errors.check(
+        rows % cfg.num_generations == 0,
+        f"generation_batch_size={rows} (per_device_train_batch_size={bs} x "
+        f"steps_per_generation={spg}) must be divisible by num_generations="
+        f"{cfg.num_generations} so that every prompt's group is complete",
+    )
+    errors.check(
+        spg % cfg.gradient_accumulation_steps == 0,
+        f"steps_per_generation={spg} must be a multiple of gradient_accumulation_steps="
+        f"{cfg.gradient_accumulation_steps} (one accumulation window never spans two "
+        "generation batches)",
+    )
+    nge = cfg.num_generations_eval
+    if nge is not None:
+        errors.check(
+            isinstance(nge, int) and nge >= 2,
+            f"num_generations_eval must be >= 2 or None, got num_generations_eval={nge!r}",
+        )
+
+
+def _check_generation(cfg: GRPOConfig, errors: _Errors):
+    _positive_int(errors, cfg, "max_completion_length")
+    if cfg.max_prompt_length is not None:
+        _positive_int(errors, cfg, "max_prompt_length")
+    errors.check(cfg.temperature > 0, f"temperature must be > 0, got temperature={cfg.temperature!r}")
+    errors.check(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got top_p={cfg.top_p!r}")
+    errors.check(cfg.top_k >= 0, f"top_k must be >= 0 (0 disables it), got top_k={cfg.top_k!r}")
+    if cfg.min_p is not None:
+        errors.check(0 <= cfg.min_p <= 1, f"min_p must be in [0, 1], got min_p={cfg.min_p!r}")
+    errors.check(
+        cfg.repetition_penalty > 0,
+        f"repetition_penalty must be > 0, got repetition_penalty={cfg.repetition_penalty!r}",
+    )
+    if cfg.pad_to_multiple_of is not None:
+        _positive_int(errors, cfg, "pad_to_multiple_of")
+
+
+def _one_of(errors: _Errors, cfg: GRPOConfig, name: str, allowed: tuple):
+    value = getattr(cfg, name)
+    errors.check(value in allowed, f"{name} must be one of {list(allowed)}, got {name}={value!r}")
+
+
+def _check_loss(cfg: GRPOConfig, errors: _Errors):
+    _one_of(errors, cfg, "loss_type", LOSS_TYPES)
+    _one_of(errors, cfg, "scale_rewards", SCALE_REWARDS)
+    _one_of(errors, cfg, "importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+    _one_of(errors, cfg, "multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS)
+    errors.check(cfg.beta >= 0, f"beta must be >= 0, got beta={cfg.beta!r}")
+    errors.check(cfg.epsilon > 0, f"epsilon must be > 0, got epsilon={cfg.epsilon!r}")
+    if cfg.epsilon_high is not None:
+        errors.check(
+            cfg.epsilon_high > 0, f"epsilon_high must be > 0, got epsilon_high={cfg.epsilon_high!r}"
+        )
+    if cfg.delta is not None:
+        errors.check(cfg.delta > 1, f"delta must be > 1 (an upper ratio bound), got delta={cfg.delta!r}")
+    errors.check(
+        0.0 <= cfg.top_entropy_quantile <= 1.0,
+        f"top_entropy_quantile must be in [0, 1], got top_entropy_quantile={cfg.top_entropy_quantile!r}",
+    )
+    if cfg.reward_weights is not None:
+        errors.check(
+            len(cfg.reward_weights) > 0 and all(math.isfinite(float(w)) for w in cfg.reward_weights),
+            f"reward_weights must be a non-empty list of finite numbers, got "
+            f"reward_weights={list(cfg.reward_weights)!r}",
+        )
+
+
+def _check_optim(cfg: GRPOConfig, errors: _Errors):
+    _one_of(errors, cfg, "lr_scheduler_type", LR_SCHEDULER_TYPES)
+    _one_of(errors, cfg, "optim", OPTIMIZERS)
+    errors.check(
+        cfg.learning_rate >= 0, f"learning_rate must be >= 0, got learning_rate={cfg.learning_rate!r}"
+    )
+    errors.check(
+        0 <= cfg.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got warmup_ratio={cfg.warmup_ratio!r}"
+    )
+    _positive_int(errors, cfg, "warmup_steps", minimum=0)
+    errors.check(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got weight_decay={cfg.weight_decay!r}")
+    errors.check(
+        0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1,
+        f"adam_beta1 and adam_beta2 must be in [0, 1), got adam_beta1={cfg.adam_beta1!r}, "
+        f"adam_beta2={cfg.adam_beta2!r}",
+    )
+    errors.check(cfg.adam_epsilon > 0, f"adam_epsilon must be > 0, got adam_epsilon={cfg.adam_epsilon!r}")
+    errors.check(
+        cfg.max_grad_norm >= 0,
+        f"max_grad_norm must be >= 0 (0 disables clipping), got max_grad_norm={cfg.max_grad_norm!r}",
+    )
+    errors.check(
+        isinstance(cfg.max_steps, int) and (cfg.max_steps == -1 or cfg.max_steps >= 1),
+        f"max_steps must be -1 (use num_train_epochs) or >= 1, got max_steps={cfg.max_steps!r}",
+    )
+    errors.check(
+        cfg.num_train_epochs > 0,
+        f"num_train_epochs must be > 0, got num_train_epochs={cfg.num_train_epochs!r}",
+    )
+
+
+def _check_misc(cfg: GRPOConfig, errors: _Errors):
+    _positive_int(errors, cfg, "logging_steps", "save_steps")
+    if cfg.eval_steps is not None:
+        _positive_int(errors, cfg, "eval_steps")
+    if cfg.save_total_limit is not None:
+        _positive_int(errors, cfg, "save_total_limit")
+    _positive_int(errors, cfg, "lora_rank")
+    errors.check(
+        0.0 <= cfg.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got lora_dropout={cfg.lora_dropout!r}"
+    )
+    errors.check(cfg.lora_alpha > 0, f"lora_alpha must be > 0, got lora_alpha={cfg.lora_alpha!r}")
+    if cfg.lora_num_layers is not None:
+        _positive_int(errors, cfg, "lora_num_layers")
+    if cfg.quantize_bits is not None:
+        errors.check(
+            cfg.quantize_bits in QUANTIZE_BITS,
+            f"quantize_bits must be one of {list(QUANTIZE_BITS)} or None, got "
+            f"quantize_bits={cfg.quantize_bits!r}",
+        )
+        errors.check(
+            cfg.use_lora,
+            f"quantize_bits={cfg.quantize_bits} (QLoRA) needs use_lora=True: quantized base "
+            "weights cannot be fine-tuned directly",
+        )
+    errors.check(
+        cfg.quantize_group_size in (32, 64, 128),
+        f"quantize_group_size must be 32, 64 or 128, got quantize_group_size={cfg.quantize_group_size!r}",
+    )
+    errors.check(
+        isinstance(cfg.output_dir, str) and cfg.output_dir != "",
+        f"output_dir must be a non-empty path, got output_dir={cfg.output_dir!r}",
+    )

@@ -1,0 +1,51 @@
+"""The traced training state: one NamedTuple of arrays that crosses ``mx.compile``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+
+class TrainState(NamedTuple):
+    """Everything a GRPO optimisation step reads and writes.
+
+    Attributes:
+        params: trainable parameter tree (LoRA adapters only, or every weight for a full
+            fine-tune); leaves keep the model's dtypes.
+        opt_state: the ``mlx.optimizers`` state tree (``step`` uint64 ``[]``,
+            ``learning_rate`` float32 ``[]`` and per-parameter moments like ``params``).
+        key: ``[2]`` uint32 RNG key, split once per step (dropout masks).
+        step: ``[]`` int32 number of optimizer steps taken.
+    """
+
+    params: Any
+    opt_state: Any
+    key: mx.array
+    step: mx.array
+
+
+def init_state(params: Any, optimizer, *, key: mx.array) -> TrainState:
+    """A fresh state: ``optimizer`` is initialised on ``params`` and its state copied out.
+
+    Args:
+        params: trainable parameter tree.
+        optimizer: an ``mlx.optimizers.Optimizer`` (its own state is reset by this call).
+        key: ``[2]`` uint32 RNG key.
+
+    Returns:
+        ``TrainState`` at step 0.
+    """
+    lr = optimizer.state.get("learning_rate", mx.array(0.0, mx.float32))
+    optimizer.state = {"step": mx.array(0, mx.uint64), "learning_rate": lr}
+    optimizer.init(params)
+    opt_state = tree_map(lambda x: x, optimizer.state)
+    return TrainState(params=params, opt_state=opt_state, key=key, step=mx.array(0, mx.int32))
+
+
+def state_arrays(state: TrainState) -> list[mx.array]:
+    """Every leaf array of ``state`` (for ``mx.eval``)."""
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(list(state))]

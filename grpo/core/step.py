@@ -1,0 +1,243 @@
+"""The compiled GRPO optimisation step: accumulate, clip, apply.
+
+.. math::
+
+    g = \\sum_k w_k \\nabla_\\theta \\mathcal{L}_k(\\theta), \\qquad
+    \\theta' = \\mathrm{AdamW}(\\theta, \\mathrm{clip}(g, c))
+
+``train_step(state, batch) -> (state, metrics)`` is a pure function of its arguments wrapped
+by ``mx.compile``: the model, optimizer object, loss function and config are closed-over
+constants (STYLE rules 4, 5, 7). ``batch`` is a NamedTuple whose every leaf has a leading
+micro-batch axis ``K = gradient_accumulation_steps``; micro-batch ``k`` is weighted by
+``w_k``, its share of the loss type's normaliser over the accumulated batch, so the update
+equals one big-batch update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from grpo.core.state import TrainState
+
+PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo")
+PER_TOKEN_LOSSES = ("bnpo", "dapo")
+
+
+# -- schedule and optimizer --------------------------------------------------------------
+
+
+def make_schedule(
+    *, learning_rate: float, scheduler_type: str, warmup_steps: int, total_steps: int
+) -> Callable[[mx.array], mx.array]:
+    """Learning rate as a function of the optimizer step (transformers' schedules).
+
+    Linear warmup ``0 -> learning_rate`` over ``warmup_steps``, then ``linear`` decay to 0,
+    ``cosine`` decay to 0, or ``constant`` / ``constant_with_warmup`` over the remaining
+    ``total_steps - warmup_steps`` steps.
+
+    Args:
+        learning_rate: peak learning rate.
+        scheduler_type: ``"linear" | "cosine" | "constant" | "constant_with_warmup"``.
+        warmup_steps: steps of linear warmup (0 for none).
+        total_steps: total optimizer steps of the run.
+
+    Returns:
+        ``schedule(step [] uint) -> lr [] float32``.
+    """
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if scheduler_type == "linear":
+        main = optim.linear_schedule(learning_rate, 0.0, decay_steps)
+    elif scheduler_type == "cosine":
+        main = optim.cosine_decay(learning_rate, decay_steps, 0.0)
+    elif scheduler_type in ("constant", "constant_with_warmup"):
+        main = optim.linear_schedule(learning_rate, learning_rate, 1)
+    else:
+        raise ValueError(
+            "lr_scheduler_type must be linear, cosine, constant or constant_with_warmup; "
+            f"got lr_scheduler_type={scheduler_type!r}"
+        )
+    if warmup_steps <= 0 or scheduler_type == "constant":
+        return main
+    warmup = optim.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optim.join_schedules([warmup, main], [warmup_steps])
+
+
+def make_optimizer(cfg: Any, *, total_steps: int) -> optim.Optimizer:
+    """``mlx.optimizers`` optimizer (AdamW by default) on the configured schedule.
+
+    Args:
+        cfg: a :class:`grpo.config.GRPOConfig` (``optim``, ``learning_rate``,
+            ``lr_scheduler_type``, ``warmup_steps`` / ``warmup_ratio``, ``weight_decay``,
+            ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``).
+        total_steps: total optimizer steps of the run.
+    """
+    schedule = make_schedule(
+        learning_rate=cfg.learning_rate,
+        scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps_for(total_steps),
+        total_steps=total_steps,
+    )
+    betas = [cfg.adam_beta1, cfg.adam_beta2]
+    if cfg.optim == "adamw":
+        return optim.AdamW(schedule, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.optim == "adam":
+        return optim.Adam(schedule, betas=betas, eps=cfg.adam_epsilon)
+    if cfg.optim == "sgd":
+        return optim.SGD(schedule, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim must be adamw, adam or sgd; got optim={cfg.optim!r}")
+
+
+# -- accumulation weights ----------------------------------------------------------------
+
+
+def per_sequence_weights(masks: mx.array) -> mx.array:
+    """``w_k = n_k / sum_j n_j``: every sequence counts once (``grpo``, ``dr_grpo``).
+
+    Args:
+        masks: ``[K, n, T]`` loss masks of the ``K`` micro-batches.
+
+    Returns:
+        ``[K]`` float32 weights summing to 1.
+    """
+    K, n = masks.shape[0], masks.shape[1]
+    return mx.full((K,), 1.0 / K, dtype=mx.float32) if n else mx.zeros((K,), mx.float32)
+
+
+def per_token_weights(masks: mx.array) -> mx.array:
+    """``w_k = tokens_k / sum_j tokens_j``: every live token counts once (``bnpo``, ``dapo``).
+
+    A micro-batch whose loss is ``sum(l * mask) / tokens_k`` weighted this way adds up to
+    ``sum(l * mask) / num_items_in_batch`` over the accumulated batch.
+
+    Args:
+        masks: ``[K, n, T]`` loss masks.
+
+    Returns:
+        ``[K]`` float32 weights (all zero when no token is live).
+    """
+    tokens = masks.astype(mx.float32).sum(axis=(1, 2))
+    return tokens / mx.maximum(tokens.sum(), 1.0)
+
+
+def accumulation_weights_for(loss_type: str) -> Callable[[mx.array], mx.array]:
+    """The micro-batch weighting matching ``loss_type``'s normaliser."""
+    if loss_type in PER_SEQUENCE_LOSSES:
+        return per_sequence_weights
+    if loss_type in PER_TOKEN_LOSSES:
+        return per_token_weights
+    raise ValueError(
+        f"no gradient-accumulation rule for loss_type={loss_type!r}; "
+        f"known: {list(PER_SEQUENCE_LOSSES + PER_TOKEN_LOSSES)}"
+    )
+
+
+# -- bucketing ---------------------------------------------------------------------------
+
+
+def bucket_length(n: int, *, multiple: int | None = None, cap: int | None = None) -> int:
+    """Padded length for ``n`` so compiled shapes come from a small set.
+
+    Rounds up to a multiple of ``multiple``, or to the next power of two when
+    ``multiple`` is None, then clips to ``cap`` (never below ``n``).
+    """
+    if n < 1:
+        n = 1
+    if multiple is None:
+        padded = 1 << (n - 1).bit_length()
+    else:
+        padded = -(-n // multiple) * multiple
+    if cap is not None:
+        padded = min(padded, max(cap, n))
+    return padded
+
+
+# -- the step ----------------------------------------------------------------------------
+
+
+def _micro(batch: Any, k: int) -> Any:
+    return tree_map(lambda x: x[k], batch)
+
+
+def _accumulate(grad_fn, params, batch, weights: mx.array, K: int):
+    grads, loss, metrics = None, mx.array(0.0, mx.float32), []
+    for k in range(K):
+        (loss_k, metrics_k), g = grad_fn(params, _micro(batch, k))
+        w = weights[k]
+        g = tree_map(lambda x, w=w: x * w.astype(x.dtype), g)
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        loss = loss + w * loss_k.astype(mx.float32)
+        metrics.append(metrics_k)
+    # TRL logs each micro-batch's metrics and averages them; do the same.
+    mean = {name: sum(m[name].astype(mx.float32) for m in metrics) / K for name in metrics[0]}
+    return grads, loss, mean
+
+
+def _clip(grads, max_grad_norm: float):
+    if max_grad_norm > 0:
+        return optim.clip_grad_norm(grads, max_grad_norm)
+    _, norm = optim.clip_grad_norm(grads, float("inf"))
+    return grads, norm
+
+
+def _apply(optimizer, grads, params, opt_state):
+    # STYLE rule 5: the only place the optimizer object meets the traced arrays.
+    optimizer.state = opt_state
+    params = optimizer.apply_gradients(grads, params)
+    return params, optimizer.state
+
+
+def make_train_step(
+    model: Any,
+    optimizer: optim.Optimizer,
+    loss_fn: Callable[[Any, Any], tuple[mx.array, dict]],
+    *,
+    cfg: Any,
+    mask_of: Callable[[Any], mx.array] | None = None,
+    compile: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+    """Build ``train_step(state, batch) -> (state, metrics)``.
+
+    Args:
+        model: the ``mlx.nn.Module`` ``loss_fn`` applies its params to (closed over).
+        optimizer: an ``mlx.optimizers.Optimizer`` (closed over; its state comes from
+            ``state.opt_state`` on every call).
+        loss_fn: ``loss_fn(params, micro_batch) -> (loss [] , metrics {name: []})``.
+        cfg: a :class:`grpo.config.GRPOConfig` (``loss_type``, ``max_grad_norm``,
+            ``gradient_accumulation_steps``).
+        mask_of: micro-batch stack -> ``[K, n, T]`` loss mask (default: ``batch.mask``).
+        compile: wrap with ``mx.compile`` (False for path-equivalence tests).
+
+    Returns:
+        The step. ``metrics`` holds ``loss``, ``grad_norm`` (before clipping),
+        ``learning_rate`` and ``loss_fn``'s metrics averaged over micro-batches.
+    """
+    weigh = accumulation_weights_for(cfg.loss_type)
+    K, max_norm = cfg.gradient_accumulation_steps, float(cfg.max_grad_norm)
+    mask_of = mask_of or (lambda b: b.mask)
+    grad_fn = mx.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        masks = mask_of(batch)
+        if masks.ndim != 3 or masks.shape[0] != K:
+            raise ValueError(
+                f"train_step: batch leaves need a leading micro-batch axis of size "
+                f"gradient_accumulation_steps={K}; mask shape is {tuple(masks.shape)}"
+            )
+        grads, loss, metrics = _accumulate(grad_fn, state.params, batch, weigh(masks), K)
+        grads, grad_norm = _clip(grads, max_norm)
+        params, opt_state = _apply(optimizer, grads, state.params, state.opt_state)
+        key, _ = mx.random.split(state.key)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": grad_norm.astype(mx.float32),
+            "learning_rate": opt_state["learning_rate"].astype(mx.float32),
+        }
+        return TrainState(params, opt_state, key, state.step + 1), metrics
+
+    return mx.compile(train_step) if compile else train_step
