@@ -4,13 +4,14 @@ import asyncio
 import functools
 import math
 
-import grpo  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import arrays
 
+import grpo  # noqa: F401  (fast BLAS before mlx)
 from grpo.core.advantages import advantages
 from grpo.core.score import (
     RewardContext,
@@ -24,7 +25,6 @@ from grpo.core.score import (
     reward_weights,
     score,
 )
-from strategies import arrays
 
 G = 2
 PROMPTS = ["What is 2+3?", "What is 2+3?", "Capital of France?", "Capital of France?"]
@@ -35,7 +35,7 @@ ANSWERS = ["5", "5", "Paris", "Paris"]
 
 def test_trl_style_reward_reads_answer_column():
     def correctness_reward(prompts, completions, answer, **kwargs):
-        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer, strict=False)]
 
     out = score(PROMPTS, COMPLETIONS, IDS, [correctness_reward], columns={"answer": ANSWERS})
     assert isinstance(out, Scores)
@@ -67,7 +67,12 @@ def test_plain_prompts_get_plain_string_completions_and_all_kwargs():
 
 def test_conversational_format_reward_indexes_first_message():
     prompts = [[{"role": "user", "content": "Think, then answer."}]] * 4
-    texts = ["<think>a</think><answer>1</answer>", "no tags", "<think>b</think>", "<answer>2</answer>"]
+    texts = [
+        "<think>a</think><answer>1</answer>",
+        "no tags",
+        "<think>b</think>",
+        "<answer>2</answer>",
+    ]
     seen = []
 
     def format_reward(completions, **kwargs):
@@ -92,13 +97,20 @@ def test_as_completions_passes_through_wrapped_and_plain():
 
 def test_function_without_var_kwargs_gets_only_its_named_arguments():
     def strict(completions, answer):  # TRL would crash on the extra kwargs; we filter them
-        return [float(c == a) for c, a in zip(completions, answer)]
+        return [float(c == a) for c, a in zip(completions, answer, strict=False)]
 
     def progress(completions, trainer_state):
         return [float(trainer_state.global_step)] * len(completions)
 
     ctx = RewardContext(global_step=3, epoch=0.5)
-    out = score(PROMPTS, COMPLETIONS, IDS, [strict, progress], columns={"answer": ANSWERS, "x": [0] * 4}, context=ctx)
+    out = score(
+        PROMPTS,
+        COMPLETIONS,
+        IDS,
+        [strict, progress],
+        columns={"answer": ANSWERS, "x": [0] * 4},
+        context=ctx,
+    )
     r = np.array(out.rewards_per_func)
     np.testing.assert_array_equal(r[:, 0], [1, 0, 1, 0])
     np.testing.assert_array_equal(r[:, 1], [3, 3, 3, 3])
@@ -107,7 +119,12 @@ def test_function_without_var_kwargs_gets_only_its_named_arguments():
 
 def test_default_trainer_state_is_a_reward_context():
     seen = []
-    score(PROMPTS, COMPLETIONS, IDS, [lambda trainer_state, **k: seen.append(trainer_state) or [0] * 4])
+    score(
+        PROMPTS,
+        COMPLETIONS,
+        IDS,
+        [lambda trainer_state, **k: seen.append(trainer_state) or [0] * 4],
+    )
     assert isinstance(seen[0], RewardContext) and seen[0].global_step == 0
 
 
@@ -118,22 +135,32 @@ def test_none_means_not_applicable_and_all_none_rows_get_zero_advantage():
     task = ["math"] * 3 + ["text"] * 3
 
     def math_reward(completions, task, **kwargs):
-        return [float(c == "4") if t == "math" else None for c, t in zip(completions, task)]
+        return [
+            float(c == "4") if t == "math" else None
+            for c, t in zip(completions, task, strict=False)
+        ]
 
     def text_reward(completions, task, **kwargs):
         # The last text row is unscorable by every function.
-        return [None if t == "math" or c == "ccc" else float(len(c)) for c, t in zip(completions, task)]
+        return [
+            None if t == "math" or c == "ccc" else float(len(c))
+            for c, t in zip(completions, task, strict=False)
+        ]
 
     out = score(prompts, comps, [[0]] * 6, [math_reward, text_reward], columns={"task": task})
     r = np.array(out.rewards_per_func)
     assert np.isnan(r[:3, 1]).all() and np.isnan(r[3:, 0]).all() and np.isnan(r[5]).all()
     w = reward_weights(None, 2)
-    adv = advantages(out.rewards_per_func, w, group_size=3, scale="group", aggregation="sum_then_normalize")
+    adv = advantages(
+        out.rewards_per_func, w, group_size=3, scale="group", aggregation="sum_then_normalize"
+    )
     a = np.array(adv.advantages)
     assert not np.isnan(a).any()
     assert a[5] == 0.0  # all-None row: no learning signal
     # The unscorable row is left out of its group's baseline: rows 3,4 have rewards 1, 2.
-    np.testing.assert_allclose(a[3:5], [(1 - 1.5), (2 - 1.5)] / (np.std([1, 2], ddof=1) + 1e-4), rtol=1e-5)
+    np.testing.assert_allclose(
+        a[3:5], [(1 - 1.5), (2 - 1.5)] / (np.std([1, 2], ddof=1) + 1e-4), rtol=1e-5
+    )
     # Maths group: rewards 1, 0, 1 -> numpy reference.
     ref = np.array([1, 0, 1.0])
     np.testing.assert_allclose(a[:3], (ref - ref.mean()) / (ref.std(ddof=1) + 1e-4), rtol=1e-5)
@@ -236,7 +263,9 @@ def test_error_non_list_return():
     def scalar(**kwargs):
         return 1.0
 
-    with pytest.raises(RewardError, match=r"'scalar' returned float 1.0; expected a list of 4 floats"):
+    with pytest.raises(
+        RewardError, match=r"'scalar' returned float 1.0; expected a list of 4 floats"
+    ):
         score(PROMPTS, COMPLETIONS, IDS, [scalar])
 
 
@@ -244,7 +273,9 @@ def test_error_non_numeric_names_row_and_value():
     def texty(completions, **kwargs):
         return [1.0, 0.0, "abc", 1.0]
 
-    with pytest.raises(RewardError, match=r"'texty' returned a non-numeric value at row 2: 'abc' \(str\)"):
+    with pytest.raises(
+        RewardError, match=r"'texty' returned a non-numeric value at row 2: 'abc' \(str\)"
+    ):
         score(PROMPTS, COMPLETIONS, IDS, [texty])
 
 
@@ -253,7 +284,9 @@ def test_error_nan_or_inf_is_never_silently_zeroed(bad):
     def broken(completions, **kwargs):
         return [0.0, bad, 0.0, 0.0]
 
-    with pytest.raises(RewardError, match=rf"'broken' returned {float(bad)} at row 1; rewards must be finite"):
+    with pytest.raises(
+        RewardError, match=rf"'broken' returned {float(bad)} at row 1; rewards must be finite"
+    ):
         score(PROMPTS, COMPLETIONS, IDS, [broken])
 
 
@@ -261,7 +294,10 @@ def test_error_exception_inside_is_reraised_with_context():
     def crashes(completions, answer, **kwargs):
         return [1.0 / 0 for _ in completions]
 
-    with pytest.raises(RewardError, match=r"'crashes' raised ZeroDivisionError while scoring rows 0..3: float division by zero") as info:
+    with pytest.raises(
+        RewardError,
+        match=r"'crashes' raised ZeroDivisionError while scoring rows 0..3: float division by zero",
+    ) as info:
         score(PROMPTS, COMPLETIONS, IDS, [crashes], columns={"answer": ANSWERS})
     assert isinstance(info.value.__cause__, ZeroDivisionError)
 
@@ -291,7 +327,10 @@ def test_error_missing_column_up_front_and_in_score():
         return [0.0] * len(completions)
 
     cols = ["prompt", "answer"]
-    with pytest.raises(RewardError, match=r"'needs_solution' requires column\(s\) \['solution'\] that the dataset lacks; dataset columns: \['answer', 'prompt'\]"):
+    with pytest.raises(
+        RewardError,
+        match=r"'needs_solution' requires column\(s\) \['solution'\] that the dataset lacks; dataset columns: \['answer', 'prompt'\]",
+    ):
         check_reward_fns([needs_solution], cols)
     with pytest.raises(RewardError, match=r"'needs_kwonly' requires column\(s\) \['difficulty'\]"):
         check_reward_fns([optional, needs_kwonly], cols)
@@ -315,21 +354,24 @@ def test_error_misaligned_inputs_and_columns_and_empty():
         score(PROMPTS, COMPLETIONS[:3], IDS, [bad_length])
     with pytest.raises(RewardError, match=r"no reward functions"):
         score(PROMPTS, COMPLETIONS, IDS, [])
-    with pytest.raises(RewardError, match=r"reward function 'x' is not callable \(str\); resolve names"):
+    with pytest.raises(
+        RewardError, match=r"reward function 'x' is not callable \(str\); resolve names"
+    ):
         check_reward_fns(["x"], [])
 
 
 def test_reward_weights():
     np.testing.assert_array_equal(np.array(reward_weights(None, 3)), [1, 1, 1])
     np.testing.assert_array_equal(np.array(reward_weights([0.5, 2], 2)), [0.5, 2])
-    with pytest.raises(ValueError, match=r"got 3 reward weights for 2 reward functions: \[1, 2, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"got 3 reward weights for 2 reward functions: \[1, 2, 3\]"
+    ):
         reward_weights([1, 2, 3], 2)
     with pytest.raises(ValueError, match=r"reward weights must be finite"):
         reward_weights([1, math.nan], 2)
 
 
 # --- metrics -------------------------------------------------------------------------------
-
 
 
 def test_reward_metrics_hand_computed():
@@ -351,7 +393,9 @@ def test_reward_metrics_hand_computed():
     arrays((3,), st.floats(0.125, 2.0, width=32)),
 )
 def test_reward_metrics_match_numpy(r, w):
-    m = reward_metrics(mx.array(r), mx.array(w), mx.zeros((6,), dtype=mx.bool_), names=("x", "y", "z"))
+    m = reward_metrics(
+        mx.array(r), mx.array(w), mx.zeros((6,), dtype=mx.bool_), names=("x", "y", "z")
+    )
     with np.errstate(all="ignore"):
         for f, name in enumerate("xyz"):
             col = r[:, f][~np.isnan(r[:, f])]
@@ -361,7 +405,9 @@ def test_reward_metrics_match_numpy(r, w):
             np.testing.assert_allclose(m[f"rewards/{name}/std"], exp_std, rtol=1e-4, atol=1e-4)
         scorable = ~np.isnan(r).all(axis=1)
         total = np.nansum(r * w, axis=1)[scorable]
-        np.testing.assert_allclose(m["reward"], total.mean() if total.size else np.nan, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            m["reward"], total.mean() if total.size else np.nan, rtol=1e-4, atol=1e-4
+        )
         exp = total.std(ddof=1) if total.size > 1 else np.nan
         np.testing.assert_allclose(m["reward_std"], exp, rtol=1e-4, atol=1e-4)
     assert m["frac_reward_zero_std"] == 0.0
@@ -369,4 +415,6 @@ def test_reward_metrics_match_numpy(r, w):
 
 def test_reward_metrics_shape_error():
     with pytest.raises(ValueError, match=r"reward_metrics: rewards_per_func \(4, 2\)"):
-        reward_metrics(mx.zeros((4, 2)), mx.ones((3,)), mx.zeros((4,), dtype=mx.bool_), names=("a", "b"))
+        reward_metrics(
+            mx.zeros((4, 2)), mx.ones((3,)), mx.zeros((4,), dtype=mx.bool_), names=("a", "b")
+        )

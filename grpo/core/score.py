@@ -106,9 +106,7 @@ def as_completions(prompts: Sequence, texts: Sequence) -> list:
     conversational prompts, plain strings otherwise. Already-wrapped completions pass through."""
     if not prompts or not is_conversational(prompts[0]):
         return list(texts)
-    return [
-        t if isinstance(t, list) else [{"role": "assistant", "content": t}] for t in texts
-    ]
+    return [t if isinstance(t, list) else [{"role": "assistant", "content": t}] for t in texts]
 
 
 def _unwrap(fn: Callable) -> Callable:
@@ -320,14 +318,15 @@ def score(
     return Scores(mx.array(rewards), names, metrics, extra)
 
 
-
 def reward_weights(weights: Sequence[float] | None, num_funcs: int) -> mx.array:
     """Reward weights as a float32 ``[F]`` array (default 1 each), checked against ``F``."""
     if weights is None:
         return mx.ones((num_funcs,), dtype=mx.float32)
     w = np.asarray(list(weights), dtype=np.float64)
     if w.shape != (num_funcs,):
-        raise ValueError(f"got {w.size} reward weights for {num_funcs} reward functions: {list(weights)}")
+        raise ValueError(
+            f"got {w.size} reward weights for {num_funcs} reward functions: {list(weights)}"
+        )
     if not np.all(np.isfinite(w)):
         raise ValueError(f"reward weights must be finite, got {list(weights)}")
     return mx.array(w.astype(np.float32))

@@ -1,0 +1,258 @@
+"""Built-in reward functions, usable by name, and the resolver for reward-function specs.
+
+Every built-in has TRL's signature ``fn(prompts, completions, completion_ids, **kwargs)`` (all by
+keyword), accepts plain-text completions and conversational ones
+(``[{"role": "assistant", "content": text}]``), and documents its range:
+
+==================  =========  ================================================================
+name                range      meaning
+==================  =========  ================================================================
+``answer_match``    {0, 1}     the completion's answer equals the ``answer`` column (None where
+                               the row has no answer)
+``think_format``    {0, 1}     ``<think>...</think><answer>...</answer>`` layout
+``length_penalty``  [-1, 0]    DAPO's soft overlong penalty on completion token count
+==================  =========  ================================================================
+
+``resolve_reward_funcs`` turns a spec (a callable, a built-in name, ``"module:function"``,
+``"path/to/file.py:function"``, a comma-separated string or a list of these) into callables.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import threading
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_BOXED = re.compile(r"\\boxed\s*\{")
+_FRAC = re.compile(r"\\d?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_MATHS = re.compile(r"[\d\\^]")
+_THINK_ANSWER = re.compile(
+    r"^\s*<think>(?!.*<think>).*?</think>\s*<answer>(?!.*<answer>).*?</answer>\s*$", re.DOTALL
+)
+
+
+def completion_text(completion: Any) -> str:
+    """Text of one completion: the string itself, or the last message's ``content``."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content") or "")
+    raise TypeError(
+        f"completion must be a string or a list of {{role, content}} messages, got {completion!r:.80}"
+    )
+
+
+def _boxed(text: str) -> str | None:
+    starts = list(_BOXED.finditer(text))
+    if not starts:
+        return None
+    i, depth = starts[-1].end(), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_answer(text: str) -> str:
+    """The final answer in ``text``: the last ``<answer>...</answer>``, else the last
+    ``\\boxed{...}``, else what follows the last ``####`` (GSM8K), else the whole text."""
+    tags = _ANSWER_TAG.findall(text)
+    if tags:
+        return tags[-1].strip()
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip()
+    return text.strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, collapse whitespace, drop ``$`` wrappers, thousands commas in numbers and a
+    trailing period."""
+    text = _FRAC.sub(r"\1/\2", text.strip())
+    text = text.replace("\\$", "").replace("$", "").replace("\\%", "%")
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    text = re.sub(r"\s+", " ", text).strip().rstrip(".").strip()
+    return text.lower()
+
+
+def parse_number(text: str) -> Fraction | None:
+    """Exact value of a plain number (``-3``, ``0.75``, ``3/4``, ``1e3``, ``1,000``), else None."""
+    s = normalize_answer(text).rstrip("%").replace(" ", "")
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _math_verify_match(predicted: str, reference: str) -> bool:
+    from math_verify import parse, verify
+
+    # math-verify's timeouts use SIGALRM, which only the main thread may set (TRL does the same).
+    main = threading.current_thread() is threading.main_thread()
+    gold = parse(reference, parsing_timeout=5 if main else None)
+    pred = parse(predicted, parsing_timeout=5 if main else None)
+    return bool(gold) and bool(verify(gold, pred, timeout_seconds=5 if main else None))
+
+
+def answers_match(predicted: str, reference: str, *, use_math_verify: bool | None = None) -> bool:
+    """Whether ``predicted`` (a completion's text) answers ``reference``.
+
+    Both sides go through :func:`extract_answer`. Plain numbers compare by exact value, other
+    answers by :func:`normalize_answer`; when those differ and the reference looks mathematical
+    (a digit, ``\\`` or ``^``), ``math-verify`` (default: when installed) compares symbolically.
+    """
+    pred, ref = extract_answer(predicted), extract_answer(reference)
+    a, b = parse_number(pred), parse_number(ref)
+    if a is not None and b is not None:
+        return a == b
+    if normalize_answer(pred) == normalize_answer(ref):
+        return True
+    if use_math_verify is None:
+        use_math_verify = HAS_MATH_VERIFY
+    # Only mathematical references go to math-verify: it reads words as products of symbols,
+    # so "pairs" would equal "paris".
+    if use_math_verify and _MATHS.search(ref):
+        # math-verify looks for "$...$" / \boxed{} anchors; wrap the extracted answers so.
+        return bool(_math_verify_match(f"${pred}$", f"${ref}$"))
+    return False
+
+
+def answer_match(completions: list, answer: list, **kwargs) -> list[float | None]:
+    """1.0 when the completion's answer equals the ``answer`` column, else 0.0. Range {0, 1}.
+
+    Rows whose ``answer`` is None are not applicable (None), so this composes with other task
+    rewards in a multi-task dataset. See :func:`answers_match` for the comparison.
+    """
+    return [
+        None if ref is None else float(answers_match(completion_text(c), str(ref)))
+        for c, ref in zip(completions, answer, strict=True)
+    ]
+
+
+def think_format(completions: list, **kwargs) -> list[float]:
+    """1.0 when the completion is ``<think>...</think>`` then ``<answer>...</answer>`` (one of
+    each, surrounding whitespace allowed), else 0.0. Range {0, 1}."""
+    return [1.0 if _THINK_ANSWER.match(completion_text(c)) else 0.0 for c in completions]
+
+
+class LengthPenalty:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13). Range [-1, 0].
+
+    .. math::
+
+        r(L) = \\begin{cases} 0 & L \\le L_{max} - L_c \\\\
+        \\frac{L_{max} - L_c - L}{L_c} & L_{max} - L_c < L \\le L_{max} \\\\
+        -1 & L > L_{max} \\end{cases}
+
+    ``L`` is the completion's token count. ``max_length`` defaults to
+    ``trainer_state.max_completion_length`` (else 1024) and ``cache`` to a quarter of it.
+    """
+
+    __name__ = "length_penalty"
+
+    def __init__(self, max_length: int | None = None, cache: int | None = None):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"length_penalty: max_length must be >= 1, got {max_length}")
+        if cache is not None and cache < 1:
+            raise ValueError(f"length_penalty: cache must be >= 1, got {cache}")
+        self.max_length, self.cache = max_length, cache
+
+    def _limits(self, trainer_state: Any) -> tuple[int, int]:
+        max_length = self.max_length
+        if max_length is None:
+            get = trainer_state.get if isinstance(trainer_state, dict) else None
+            budget = get("max_completion_length") if get else None
+            budget = budget or getattr(trainer_state, "max_completion_length", None)
+            max_length = budget or 1024
+        cache = min(self.cache or max(1, max_length // 4), max_length)
+        return max_length, cache
+
+    def __call__(self, completion_ids: list, trainer_state: Any = None, **kwargs) -> list[float]:
+        max_length, cache = self._limits(trainer_state)
+        out = []
+        for ids in completion_ids:
+            over = len(ids) - (max_length - cache)
+            out.append(-min(max(over, 0) / cache, 1.0))
+        return out
+
+
+length_penalty = LengthPenalty()
+
+REWARD_FUNCS: dict[str, Callable] = {
+    "answer_match": answer_match,
+    "think_format": think_format,
+    "length_penalty": length_penalty,
+}
+
+
+def register_reward(name: str) -> Callable[[Callable], Callable]:
+    """Decorator registering a reward function under ``name`` for use by name."""
+
+    def register(fn: Callable) -> Callable:
+        REWARD_FUNCS[name] = fn
+        return fn
+
+    return register
+
+
+def _import(spec: str) -> Callable:
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser().resolve()
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            if loader_spec is None or not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:
+        raise ValueError(f"cannot load reward function {spec!r}: {type(e).__name__}: {e}") from e
+    if not callable(obj):
+        raise ValueError(f"reward function {spec!r} is not callable: {obj!r}")
+    return obj
+
+
+def _resolve_one(item: Any) -> Callable:
+    if callable(item):
+        return item
+    if not isinstance(item, str):
+        raise TypeError(f"reward function spec must be a callable or a string, got {item!r}")
+    name = item.strip()
+    if name in REWARD_FUNCS:
+        return REWARD_FUNCS[name]
+    if ":" in name:
+        return _import(name)
+    raise ValueError(
+        f"unknown reward function {name!r}; known built-ins: {', '.join(sorted(REWARD_FUNCS))} "
+        "(or pass a callable, 'module:function' or 'path/to/file.py:function')"
+    )
+
+
+def resolve_reward_funcs(spec: Callable | str | Sequence[Callable | str]) -> list[Callable]:
+    """Reward functions from a callable, a name, ``"module:function"``, a comma-separated
+    string of those, or a list mixing callables and strings."""
+    if isinstance(spec, str):
+        items: list = [s for s in spec.split(",") if s.strip()]
+    elif callable(spec):
+        items = [spec]
+    else:
+        items = list(spec or [])
+    if not items:
+        raise ValueError(f"no reward functions in {spec!r}")
+    return [_resolve_one(item) for item in items]
