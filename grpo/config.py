@@ -224,7 +224,11 @@ class GRPOConfig:
         return _build(SamplingConfig, self, values)
 
     def to_dict(self) -> dict:
-        return attrs.asdict(self, recurse=True, retain_collection_types=False)
+        """Plain JSON-able dict (tuples become lists)."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in attrs.fields(type(self))
+        }
 
     @classmethod
     def from_dict(cls, values: dict) -> GRPOConfig:
