@@ -57,7 +57,7 @@ def reward_matrices(
     b = draw(st.integers(1, max_groups))
     f = draw(st.integers(1, max_funcs))
     rpf = draw(hnp.arrays(np.float32, (b * g, f), elements=elements))
-    weights = draw(hnp.arrays(np.float32, (f,), elements=st.floats(0.1, 2.0, width=32)))
+    weights = draw(hnp.arrays(np.float32, (f,), elements=st.floats(0.125, 2.0, width=32)))
     return rpf, weights, g
 
 
