@@ -1,0 +1,259 @@
+"""Data-parallel GRPO over mx.distributed: pure helpers, and real two-process runs on loopback.
+
+The two-process tests start ``mlx.launch -n 2 --backend ring --hosts 127.0.0.1`` on a free
+port pair, in their own process group, with a timeout: a hung collective fails the test and
+the whole group is killed. ``mlx.launch`` exits 0 even when a rank fails (mlx 0.32), so
+success is judged by each rank's result file (written last) and the launcher's warnings.
+"""
+
+from __future__ import annotations  # noqa: I001  (grpo must be imported before mlx)
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import grpo  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import dist_worker
+from grpo.core import distributed as D
+from grpo.io import dist
+
+TESTS_DIR = Path(__file__).resolve().parent
+WORKER = TESTS_DIR / "dist_worker.py"
+# Generous: each launch takes ~2-20 s; only a hung collective should ever reach this.
+LAUNCH_TIMEOUT_S = 150
+
+
+# --------------------------------------------------------------------- harness
+
+
+class Launch(NamedTuple):
+    stdout: str
+    stderr: str
+    results: dict[int, dict]  # rank -> that rank's result file (missing = did not finish)
+
+
+def _mlx_launch() -> list[str]:
+    script = Path(sys.executable).parent / "mlx.launch"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("mlx.launch")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+
+
+def _free_port_pair() -> int:
+    """A port ``p`` with ``p`` and ``p + 1`` free on 127.0.0.1 (ring uses one per rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of consecutive loopback ports")
+
+
+def launch(scenario: str, out_dir: Path, *args: str, n: int = 2) -> Launch:
+    """Run ``n`` ranks of ``dist_worker.py scenario`` on loopback; fail the test on a hang."""
+    cmd = [
+        *_mlx_launch(), "--hosts", "127.0.0.1", "-n", str(n), "--backend", "ring",
+        "--starting-port", str(_free_port_pair()), "--python", sys.executable,
+        "--", str(WORKER), scenario, str(out_dir), *args,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, cwd=TESTS_DIR,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(
+            f"{scenario}: {n}-rank job still running after {LAUNCH_TIMEOUT_S}s (hung collective?)"
+            f"\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
+        )
+    files = {r: out_dir / f"rank{r}.json" for r in range(n)}
+    results = {r: json.loads(p.read_text()) for r, p in files.items() if p.exists()}
+    return Launch(out, err, results)
+
+
+def assert_all_ranks_finished(run: Launch, n: int = 2) -> None:
+    assert sorted(run.results) == list(range(n)) and "[WARN] Node with rank" not in run.stderr, (
+        f"not every rank finished\n--- stdout\n{run.stdout[-4000:]}\n--- stderr\n{run.stderr[-4000:]}"
+    )
+
+
+# ----------------------------------------------------------- single process
+
+
+def test_no_group_means_one_process():
+    x = mx.array([1.0, 2.0])
+    tree = {"w": x, "b": [x * 2]}
+    assert (D.rank(None), D.world_size(None), D.is_distributed(None)) == (0, 1, False)
+    for op in (D.all_sum, D.all_mean, D.all_max, D.all_min):
+        assert op(x, group=None) is x
+    assert D.average_gradients(tree, group=None) is tree
+    assert D.max_divergence(tree, group=None).item() == 0.0
+    assert D.reduce_metrics({"a": x[0]}, group=None) == {"a": x[0]}
+
+
+def test_singleton_group_launches_no_collective():
+    group = mx.distributed.init()  # not launched: the singleton group
+    assert group.size() == 1 and not D.is_distributed(group)
+    x = mx.array([3.0])
+    assert D.all_sum(x, group=group) is x
+    assert dist.init_distributed() is None
+
+
+@given(
+    hnp.arrays(
+        np.float32,
+        st.integers(1, 40),
+        elements=st.one_of(st.floats(-5, 5, width=32), st.just(np.float32("nan"))),
+    )
+)
+def test_nan_mean_std_matches_numpy_locally(x):
+    mean, std = D.nan_mean_std(mx.array(x), group=None)
+    valid = x[~np.isnan(x)].astype(np.float64)
+    if valid.size == 0:
+        assert np.isnan(mean.item()) and np.isnan(std.item())
+        return
+    np.testing.assert_allclose(mean.item(), valid.mean(), rtol=1e-5, atol=1e-5)
+    if valid.size == 1:
+        assert np.isnan(std.item())
+    else:
+        np.testing.assert_allclose(std.item(), valid.std(ddof=1), rtol=1e-4, atol=1e-5)
+
+
+@given(st.floats(-100, 100, width=32), st.integers(2, 50))
+def test_equal_values_have_exactly_zero_std(value, n):
+    # A batch of equal rewards must give advantage 0 (TRL's zero-std case), not noise / eps.
+    mean, std = D.nan_mean_std(mx.full((n,), value), group=None)
+    assert mean.item() == np.float32(value) and std.item() == 0.0
+
+
+def test_num_items_in_batch_single_process():
+    mask = mx.array([[1, 1, 0], [1, 0, 0]])
+    assert D.num_items_in_batch(mask, group=None).item() == 3.0
+    assert D.num_items_in_batch(mx.zeros((2, 3)), group=None).item() == 1.0
+
+
+def test_rank_key_rank0_is_the_seed_key_and_ranks_differ():
+    key = mx.random.key(7)
+    assert D.rank_key(key, rank=0).tolist() == key.tolist()
+    keys = [tuple(D.rank_key(key, rank=r).tolist()) for r in range(16)]
+    assert len(set(keys)) == 16
+    assert keys[3] == tuple(D.rank_key(mx.random.key(7), rank=3).tolist())
+    assert keys[3] != tuple(D.rank_key(mx.random.key(8), rank=3).tolist())
+    draws = [mx.random.uniform(shape=(4,), key=D.rank_key(key, rank=r)).tolist() for r in (0, 1)]
+    assert draws[0] != draws[1]
+    with pytest.raises(ValueError, match="rank=-1"):
+        D.rank_key(key, rank=-1)
+
+
+def test_reduce_metrics_rejects_unknown_reducer():
+    with pytest.raises(ValueError, match="median"):
+        D.reduce_metrics({"a": mx.array(1.0)}, group=None, reducers={"a": "median"})
+
+
+def test_io_helpers_single_process():
+    calls = []
+    assert dist.on_main(None, calls.append, 1) is None and calls == [1]
+    assert dist.is_main_process(None) and dist.rank_prefix(None) == ""
+    dist.barrier(None)
+    with pytest.raises(ValueError, match="bad reward"):
+        with dist.fail_fast(None):
+            raise ValueError("bad reward")
+    with pytest.raises(ValueError, match="backend"):
+        dist.init_distributed(backend="tcp")
+
+
+# ------------------------------------------------------------- two processes
+
+
+def _np_reference(seed: int, world: int) -> dict:
+    case = dist_worker.full_case(seed, world)
+    r, mask, feats = case["rewards"].astype(np.float64), case["mask"], case["feats"]
+    valid = r[~np.isnan(r)]
+    std = valid.std(ddof=1)
+    grouped = r.reshape(-1, dist_worker.G)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN group
+        adv = (grouped - np.nanmean(grouped, axis=1, keepdims=True)) / (std + 1e-4)
+    lengths = mask.sum(axis=1)
+    n = dist_worker.B * dist_worker.G
+    tokens = [mask[i * n : (i + 1) * n].sum() for i in range(world)]
+    return {
+        "mean": valid.mean(),
+        "std": std,
+        "num_items": mask.sum() / world,
+        # Gradient of the one-process dapo loss sum(feats @ w * m) / sum(m) w.r.t. w.
+        "grad": (feats * mask[..., None]).sum(axis=(0, 1)) / mask.sum(),
+        "adv": np.nan_to_num(adv, nan=0.0).reshape(-1),
+        "metrics": {
+            "tokens_mean": np.mean(tokens),
+            "tokens_sum": mask.sum(),
+            "len_max": lengths.max(),
+            "len_min": lengths.min(),
+        },
+    }
+
+
+def test_two_ranks_collectives_match_one_process_reference(tmp_path):
+    run = launch("collectives", tmp_path)
+    assert_all_ranks_finished(run)
+    r0, r1 = run.results[0], run.results[1]
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    for res in (r0, r1):
+        assert res["all_sum"] == [3.0, 20.0]
+        assert res["all_mean"] == [2.0]
+        assert res["all_max"] == [1.0, 0.0] and res["all_min"] == [0.0, -1.0]
+        assert res["avg_a"] == [0.5] * 3 and res["avg_b"] == [[2.0, 2.0], [2.0, 2.0]]
+        assert res["div_same"] == 0.0 and res["div_rank"] == 3.0
+    # Per-rank keys: rank 0 keeps the seed key, rank 1 gets the key its rank alone implies.
+    assert r0["key"] == mx.random.key(7).tolist()
+    assert r1["key"] == D.rank_key(mx.random.key(7), rank=1).tolist() != r0["key"]
+
+    # Sharded statistics equal one process holding the whole batch (NumPy, float64).
+    for seed in range(dist_worker.STAT_CASES):
+        ref = _np_reference(seed, world=2)
+        for r, res in run.results.items():
+            got = res["stats"][seed]
+            for name in ("mean", "std", "num_items"):
+                np.testing.assert_allclose(
+                    got[name], ref[name], rtol=2e-5, err_msg=f"{name} seed={seed}"
+                )
+            np.testing.assert_allclose(got["grad"], ref["grad"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["grad_compiled"], ref["grad"], rtol=1e-5, atol=1e-6)
+            lo, hi = r * dist_worker.B * dist_worker.G, (r + 1) * dist_worker.B * dist_worker.G
+            np.testing.assert_allclose(got["adv"], ref["adv"][lo:hi], rtol=1e-4, atol=1e-5)
+            for name, value in ref["metrics"].items():
+                np.testing.assert_allclose(got["metrics"][name], value, rtol=1e-6, err_msg=name)
+
+
+def test_a_failing_rank_takes_the_job_down_instead_of_hanging(tmp_path):
+    run = launch("raise", tmp_path)
+    assert run.results == {}, f"a rank finished despite rank 1 failing: {run.results}"
+    assert "reward function 'boom' failed on rank 1" in run.stderr, run.stderr[-4000:]
+    assert "[rank 1/2]" in run.stderr and "Node with rank 1 exited with code 1" in run.stderr
