@@ -279,7 +279,11 @@ def _check_batches(cfg: GRPOConfig, errors: _Errors):
     )
     if len(errors.items):
         return
-    gbs, spg, bs = cfg.generation_batch_size, cfg.steps_per_generation, cfg.per_device_train_batch_size
+    gbs, spg, bs = (
+        cfg.generation_batch_size,
+        cfg.steps_per_generation,
+        cfg.per_device_train_batch_size,
+    )
     if gbs is not None and spg is not None:
         errors.check(
             gbs == bs * spg,
@@ -323,7 +327,9 @@ def _check_generation(cfg: GRPOConfig, errors: _Errors):
     _positive_int(errors, cfg, "max_completion_length")
     if cfg.max_prompt_length is not None:
         _positive_int(errors, cfg, "max_prompt_length")
-    errors.check(cfg.temperature > 0, f"temperature must be > 0, got temperature={cfg.temperature!r}")
+    errors.check(
+        cfg.temperature > 0, f"temperature must be > 0, got temperature={cfg.temperature!r}"
+    )
     errors.check(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got top_p={cfg.top_p!r}")
     errors.check(cfg.top_k >= 0, f"top_k must be >= 0 (0 disables it), got top_k={cfg.top_k!r}")
     if cfg.min_p is not None:
@@ -353,14 +359,17 @@ def _check_loss(cfg: GRPOConfig, errors: _Errors):
             cfg.epsilon_high > 0, f"epsilon_high must be > 0, got epsilon_high={cfg.epsilon_high!r}"
         )
     if cfg.delta is not None:
-        errors.check(cfg.delta > 1, f"delta must be > 1 (an upper ratio bound), got delta={cfg.delta!r}")
+        errors.check(
+            cfg.delta > 1, f"delta must be > 1 (an upper ratio bound), got delta={cfg.delta!r}"
+        )
     errors.check(
         0.0 <= cfg.top_entropy_quantile <= 1.0,
         f"top_entropy_quantile must be in [0, 1], got top_entropy_quantile={cfg.top_entropy_quantile!r}",
     )
     if cfg.reward_weights is not None:
         errors.check(
-            len(cfg.reward_weights) > 0 and all(math.isfinite(float(w)) for w in cfg.reward_weights),
+            len(cfg.reward_weights) > 0
+            and all(math.isfinite(float(w)) for w in cfg.reward_weights),
             f"reward_weights must be a non-empty list of finite numbers, got "
             f"reward_weights={list(cfg.reward_weights)!r}",
         )
@@ -370,19 +379,25 @@ def _check_optim(cfg: GRPOConfig, errors: _Errors):
     _one_of(errors, cfg, "lr_scheduler_type", LR_SCHEDULER_TYPES)
     _one_of(errors, cfg, "optim", OPTIMIZERS)
     errors.check(
-        cfg.learning_rate >= 0, f"learning_rate must be >= 0, got learning_rate={cfg.learning_rate!r}"
+        cfg.learning_rate >= 0,
+        f"learning_rate must be >= 0, got learning_rate={cfg.learning_rate!r}",
     )
     errors.check(
-        0 <= cfg.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got warmup_ratio={cfg.warmup_ratio!r}"
+        0 <= cfg.warmup_ratio <= 1,
+        f"warmup_ratio must be in [0, 1], got warmup_ratio={cfg.warmup_ratio!r}",
     )
     _positive_int(errors, cfg, "warmup_steps", minimum=0)
-    errors.check(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got weight_decay={cfg.weight_decay!r}")
+    errors.check(
+        cfg.weight_decay >= 0, f"weight_decay must be >= 0, got weight_decay={cfg.weight_decay!r}"
+    )
     errors.check(
         0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1,
         f"adam_beta1 and adam_beta2 must be in [0, 1), got adam_beta1={cfg.adam_beta1!r}, "
         f"adam_beta2={cfg.adam_beta2!r}",
     )
-    errors.check(cfg.adam_epsilon > 0, f"adam_epsilon must be > 0, got adam_epsilon={cfg.adam_epsilon!r}")
+    errors.check(
+        cfg.adam_epsilon > 0, f"adam_epsilon must be > 0, got adam_epsilon={cfg.adam_epsilon!r}"
+    )
     errors.check(
         cfg.max_grad_norm >= 0,
         f"max_grad_norm must be >= 0 (0 disables clipping), got max_grad_norm={cfg.max_grad_norm!r}",
@@ -405,7 +420,8 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
         _positive_int(errors, cfg, "save_total_limit")
     _positive_int(errors, cfg, "lora_rank")
     errors.check(
-        0.0 <= cfg.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got lora_dropout={cfg.lora_dropout!r}"
+        0.0 <= cfg.lora_dropout < 1.0,
+        f"lora_dropout must be in [0, 1), got lora_dropout={cfg.lora_dropout!r}",
     )
     errors.check(cfg.lora_alpha > 0, f"lora_alpha must be > 0, got lora_alpha={cfg.lora_alpha!r}")
     if cfg.lora_num_layers is not None:

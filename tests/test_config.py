@@ -45,13 +45,22 @@ def test_shared_fields_have_trl_defaults():
 def test_training_argument_defaults_match_transformers():
     c = GRPOConfig()
     assert (c.learning_rate, c.per_device_train_batch_size, c.gradient_accumulation_steps) == (
-        1e-6, 8, 1,
+        1e-6,
+        8,
+        1,
     )
     assert (c.max_steps, c.num_train_epochs, c.logging_steps, c.save_steps, c.seed) == (
-        -1, 3.0, 10, 500, 42,
+        -1,
+        3.0,
+        10,
+        500,
+        42,
     )
     assert (c.lr_scheduler_type, c.warmup_ratio, c.warmup_steps, c.weight_decay) == (
-        "linear", 0.0, 0, 0.0,
+        "linear",
+        0.0,
+        0,
+        0.0,
     )
     assert (c.adam_beta1, c.adam_beta2, c.adam_epsilon, c.max_grad_norm) == (0.9, 0.999, 1e-8, 1.0)
     assert c.use_lora is True
@@ -69,8 +78,18 @@ def test_docstring_lists_every_deliberate_difference():
     "kw,rows,spg,prompts",
     [
         (dict(), 8, 1, 1),
-        (dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4), 8, 2, 2),
-        (dict(per_device_train_batch_size=4, generation_batch_size=16, num_generations=4), 16, 4, 4),
+        (
+            dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4),
+            8,
+            2,
+            2,
+        ),
+        (
+            dict(per_device_train_batch_size=4, generation_batch_size=16, num_generations=4),
+            16,
+            4,
+            4,
+        ),
         (dict(per_device_train_batch_size=2, steps_per_generation=3, num_generations=3), 6, 3, 2),
     ],
 )
@@ -83,8 +102,11 @@ def test_resolved_generation_geometry(kw, rows, spg, prompts):
 
 def test_optimizer_steps_per_generation_counts_iterations():
     c = GRPOConfig(
-        per_device_train_batch_size=4, steps_per_generation=4, gradient_accumulation_steps=2,
-        num_iterations=3, num_generations=4,
+        per_device_train_batch_size=4,
+        steps_per_generation=4,
+        gradient_accumulation_steps=2,
+        num_iterations=3,
+        num_generations=4,
     )
     assert c.optimizer_steps_per_generation == 6
 
@@ -113,7 +135,10 @@ def test_frozen():
     "kw,needles",
     [
         (dict(num_generations=1), ["num_generations=1", "at least 2"]),
-        (dict(per_device_train_batch_size=6, num_generations=4), ["generation_batch_size=6", "num_generations=4"]),
+        (
+            dict(per_device_train_batch_size=6, num_generations=4),
+            ["generation_batch_size=6", "num_generations=4"],
+        ),
         (dict(loss_type="ppo"), ["loss_type='ppo'", "dapo"]),
         (dict(scale_rewards="std"), ["scale_rewards='std'"]),
         (dict(importance_sampling_level="word"), ["importance_sampling_level='word'"]),
@@ -123,9 +148,19 @@ def test_frozen():
         (dict(max_completion_length=0), ["max_completion_length=0"]),
         (dict(temperature=0.0), ["temperature=0.0"]),
         (dict(top_p=1.5), ["top_p=1.5"]),
-        (dict(generation_batch_size=16, steps_per_generation=3), ["generation_batch_size=16", "steps_per_generation=3"]),
-        (dict(per_device_train_batch_size=4, steps_per_generation=3, gradient_accumulation_steps=2, num_generations=2),
-         ["steps_per_generation=3", "gradient_accumulation_steps=2"]),
+        (
+            dict(generation_batch_size=16, steps_per_generation=3),
+            ["generation_batch_size=16", "steps_per_generation=3"],
+        ),
+        (
+            dict(
+                per_device_train_batch_size=4,
+                steps_per_generation=3,
+                gradient_accumulation_steps=2,
+                num_generations=2,
+            ),
+            ["steps_per_generation=3", "gradient_accumulation_steps=2"],
+        ),
         (dict(lr_scheduler_type="polynomial"), ["lr_scheduler_type='polynomial'"]),
         (dict(max_grad_norm=-1.0), ["max_grad_norm=-1.0"]),
         (dict(max_steps=0), ["max_steps=0"]),

@@ -59,7 +59,10 @@ def _setup(cfg, *, seed=0, D=3, per_token=True, counter=None, compile=True):
     opt = make_optimizer(cfg, total_steps=10)
     state = init_state(params, opt, key=mx.random.key(seed))
     step = make_train_step(
-        model, opt, _toy_loss(model, per_token=per_token, counter=counter), cfg=cfg,
+        model,
+        opt,
+        _toy_loss(model, per_token=per_token, counter=counter),
+        cfg=cfg,
         compile=compile,
     )
     return state, step
@@ -99,14 +102,18 @@ def _hf_lr(kind, step, *, lr, warmup, total):
 @pytest.mark.parametrize("warmup", [0, 3])
 def test_schedule_matches_transformers(kind, warmup):
     total, lr = 12, 2e-3
-    sched = make_schedule(learning_rate=lr, scheduler_type=kind, warmup_steps=warmup, total_steps=total)
+    sched = make_schedule(
+        learning_rate=lr, scheduler_type=kind, warmup_steps=warmup, total_steps=total
+    )
     got = [sched(mx.array(s, mx.uint64)).item() for s in range(total + 2)]
     want = [_hf_lr(kind, s, lr=lr, warmup=warmup, total=total) for s in range(total + 2)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
 
 
 def test_constant_schedule_ignores_warmup():
-    sched = make_schedule(learning_rate=0.1, scheduler_type="constant", warmup_steps=5, total_steps=9)
+    sched = make_schedule(
+        learning_rate=0.1, scheduler_type="constant", warmup_steps=5, total_steps=9
+    )
     assert all(abs(sched(mx.array(s, mx.uint64)).item() - 0.1) < 1e-7 for s in range(9))
 
 
@@ -140,7 +147,9 @@ def test_accumulated_step_equals_big_batch_step(per_token, loss_type):
     x, m = _data(K, n, T)
     big_cfg = _cfg(loss_type=loss_type, per_device_train_batch_size=K * n, max_grad_norm=0.0)
     acc_cfg = _cfg(
-        loss_type=loss_type, per_device_train_batch_size=n, gradient_accumulation_steps=K,
+        loss_type=loss_type,
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=K,
         max_grad_norm=0.0,
     )
     s_big, step_big = _setup(big_cfg, per_token=per_token)

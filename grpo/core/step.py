@@ -84,7 +84,9 @@ def make_optimizer(cfg: Any, *, total_steps: int) -> optim.Optimizer:
     )
     betas = [cfg.adam_beta1, cfg.adam_beta2]
     if cfg.optim == "adamw":
-        return optim.AdamW(schedule, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        return optim.AdamW(
+            schedule, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay
+        )
     if cfg.optim == "adam":
         return optim.Adam(schedule, betas=betas, eps=cfg.adam_epsilon)
     if cfg.optim == "sgd":
