@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from grpo.core import distributed as dist
 from grpo.core.state import TrainState
 
 PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo")
@@ -97,7 +98,7 @@ def make_optimizer(cfg: Any, *, total_steps: int) -> optim.Optimizer:
 # -- accumulation weights ----------------------------------------------------------------
 
 
-def per_sequence_weights(masks: mx.array) -> mx.array:
+def per_sequence_weights(masks: mx.array, *, group=None) -> mx.array:
     """``w_k = n_k / sum_j n_j``: every sequence counts once (``grpo``, ``dr_grpo``).
 
     Args:
@@ -110,20 +111,26 @@ def per_sequence_weights(masks: mx.array) -> mx.array:
     return mx.full((K,), 1.0 / K, dtype=mx.float32) if n else mx.zeros((K,), mx.float32)
 
 
-def per_token_weights(masks: mx.array) -> mx.array:
+def per_token_weights(masks: mx.array, *, group=None) -> mx.array:
     """``w_k = tokens_k / sum_j tokens_j``: every live token counts once (``bnpo``, ``dapo``).
 
     A micro-batch whose loss is ``sum(l * mask) / tokens_k`` weighted this way adds up to
     ``sum(l * mask) / num_items_in_batch`` over the accumulated batch.
 
+    With a data-parallel ``group`` of ``W`` ranks the denominator is the all-reduced
+    token count over ``W`` so that averaging the ranks' gradients gives the global
+    per-token mean.
+
     Args:
         masks: ``[K, n, T]`` loss masks.
+        group: ``mx.distributed`` group or ``None`` for one process.
 
     Returns:
         ``[K]`` float32 weights (all zero when no token is live).
     """
     tokens = masks.astype(mx.float32).sum(axis=(1, 2))
-    return tokens / mx.maximum(tokens.sum(), 1.0)
+    total = dist.all_mean(tokens.sum(), group=group)
+    return tokens / mx.maximum(total, 1.0)
 
 
 def accumulation_weights_for(loss_type: str) -> Callable[[mx.array], mx.array]:
@@ -193,6 +200,11 @@ def _apply(optimizer, grads, params, opt_state):
     return params, optimizer.state
 
 
+def _default_mask(batch: Any) -> mx.array:
+    mask = getattr(batch, "completion_mask", None)
+    return batch.mask if mask is None else mask
+
+
 def make_train_step(
     model: Any,
     optimizer: optim.Optimizer,
@@ -200,6 +212,7 @@ def make_train_step(
     *,
     cfg: Any,
     mask_of: Callable[[Any], mx.array] | None = None,
+    group: Any = None,
     compile: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
@@ -211,7 +224,11 @@ def make_train_step(
         loss_fn: ``loss_fn(params, micro_batch) -> (loss [] , metrics {name: []})``.
         cfg: a :class:`grpo.config.GRPOConfig` (``loss_type``, ``max_grad_norm``,
             ``gradient_accumulation_steps``).
-        mask_of: micro-batch stack -> ``[K, n, T]`` loss mask (default: ``batch.mask``).
+        mask_of: micro-batch stack -> ``[K, n, T]`` loss mask (default:
+            ``batch.completion_mask``, else ``batch.mask``).
+        group: ``mx.distributed`` group for data parallelism (``None``: one process);
+            token normalisers are all-reduced and gradients averaged with
+            ``mlx.nn.average_gradients`` before clipping.
         compile: wrap with ``mx.compile`` (False for path-equivalence tests).
 
     Returns:
@@ -220,7 +237,7 @@ def make_train_step(
     """
     weigh = accumulation_weights_for(cfg.loss_type)
     K, max_norm = cfg.gradient_accumulation_steps, float(cfg.max_grad_norm)
-    mask_of = mask_of or (lambda b: b.mask)
+    mask_of = mask_of or _default_mask
     grad_fn = mx.value_and_grad(loss_fn)
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
@@ -230,7 +247,9 @@ def make_train_step(
                 f"train_step: batch leaves need a leading micro-batch axis of size "
                 f"gradient_accumulation_steps={K}; mask shape is {tuple(masks.shape)}"
             )
-        grads, loss, metrics = _accumulate(grad_fn, state.params, batch, weigh(masks), K)
+        weights = weigh(masks, group=group)
+        grads, loss, metrics = _accumulate(grad_fn, state.params, batch, weights, K)
+        grads = dist.average_gradients(grads, group=group)
         grads, grad_norm = _clip(grads, max_norm)
         params, opt_state = _apply(optimizer, grads, state.params, state.opt_state)
         key, _ = mx.random.split(state.key)
