@@ -16,6 +16,7 @@ from grpo.io.data import (
     PromptEncoder,
     PromptSampler,
     PromptTooLongError,
+    decode_completions,
     encode_prompt,
     fit_prompt,
     load_prompts,
@@ -286,6 +287,21 @@ def test_prompt_encoder_truncates_conversation_from_the_left(tiny_model):
         PromptEncoder(tok, max_completion_length=8, context_length=24, overflow="error")(
             CHAT, row=3
         )
+
+
+def test_prompt_encoder_validates_limits_up_front(tiny_model):
+    _, tok = tiny_model
+    with pytest.raises(ValueError, match=r"max_completion_length=30 leaves no room"):
+        PromptEncoder(tok, max_completion_length=30, context_length=30)
+    with pytest.raises(ValueError, match=r"'overflow' must be in"):
+        PromptEncoder(tok, max_completion_length=3, overflow="clip")
+
+
+def test_decode_completions_skips_special_tokens(tiny_model):
+    _, tok = tiny_model
+    vocab = tokenizer_vocab()
+    ids = [[vocab["4"], vocab["2"], vocab["<|im_end|>"]], [vocab[c] for c in "<think>"]]
+    assert decode_completions(ids, tok) == ["42", "<think>"]
 
 
 # --- stop strings --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import math
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -128,7 +129,8 @@ def test_default_trainer_state_is_a_reward_context():
     assert isinstance(seen[0], RewardContext) and seen[0].global_step == 0
 
 
-def test_none_means_not_applicable_and_all_none_rows_get_zero_advantage():
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_none_means_not_applicable_and_all_none_rows_get_zero_advantage(aggregation):
     # Multi-task batch: maths rows (answer given) and a free-text task (no answer).
     prompts = ["m1"] * 3 + ["t1"] * 3
     comps = ["4", "5", "4", "a", "bb", "ccc"]
@@ -151,19 +153,32 @@ def test_none_means_not_applicable_and_all_none_rows_get_zero_advantage():
     r = np.array(out.rewards_per_func)
     assert np.isnan(r[:3, 1]).all() and np.isnan(r[3:, 0]).all() and np.isnan(r[5]).all()
     w = reward_weights(None, 2)
-    adv = advantages(
-        out.rewards_per_func, w, group_size=3, scale="group", aggregation="sum_then_normalize"
-    )
+    adv = advantages(out.rewards_per_func, w, group_size=3, scale="group", aggregation=aggregation)
     a = np.array(adv.advantages)
     assert not np.isnan(a).any()
     assert a[5] == 0.0  # all-None row: no learning signal
-    # The unscorable row is left out of its group's baseline: rows 3,4 have rewards 1, 2.
-    np.testing.assert_allclose(
-        a[3:5], [(1 - 1.5), (2 - 1.5)] / (np.std([1, 2], ddof=1) + 1e-4), rtol=1e-5
-    )
-    # Maths group: rewards 1, 0, 1 -> numpy reference.
-    ref = np.array([1, 0, 1.0])
-    np.testing.assert_allclose(a[:3], (ref - ref.mean()) / (ref.std(ddof=1) + 1e-4), rtol=1e-5)
+    np.testing.assert_allclose(a, _numpy_advantages(r, aggregation, group_size=3), rtol=1e-4)
+
+
+def _numpy_advantages(r, aggregation, *, group_size, eps=1e-4):
+    # TRL 1.16's two aggregations, unit weights, in NumPy; unscorable rows drop out, then get 0.
+    def z(x, axis):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices are expected here
+            return (x - np.nanmean(x, axis, keepdims=True)) / (
+                np.nanstd(x, axis, keepdims=True, ddof=1) + eps
+            )
+
+    unscorable = np.isnan(r).all(axis=1)
+    grouped = r.reshape(-1, group_size, r.shape[1])
+    if aggregation == "sum_then_normalize":
+        rewards = np.where(unscorable, np.nan, np.nansum(r, axis=1))
+        adv = z(rewards.reshape(-1, group_size), 1).reshape(-1)
+    else:
+        per_func = z(grouped, 1).reshape(r.shape)
+        summed = np.where(unscorable, np.nan, np.nansum(per_func, axis=1))
+        adv = z(summed, 0)
+    return np.nan_to_num(adv, nan=0.0)
 
 
 def test_async_rewards_run_concurrently():

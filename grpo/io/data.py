@@ -85,6 +85,20 @@ def _select_split(dataset: Any, split: str) -> Any:
     return dataset
 
 
+def _rename_prompt_column(dataset: Any, prompt_column: str) -> Any:
+    columns = dataset.column_names
+    if columns is not None and prompt_column not in columns:
+        raise ValueError(
+            f"prompt_column={prompt_column!r} is not a column; columns are {list(columns)}"
+        )
+    if columns is not None and PROMPT in columns:
+        raise ValueError(
+            f"prompt_column={prompt_column!r} but the dataset also has a {PROMPT!r} column; "
+            "drop or rename one of them"
+        )
+    return dataset.rename_column(prompt_column, PROMPT)
+
+
 def load_prompts(
     source: Any,
     *,
@@ -127,17 +141,7 @@ def load_prompts(
             f"{type(source).__name__}"
         )
     if prompt_column != PROMPT:
-        columns = dataset.column_names
-        if columns is not None and prompt_column not in columns:
-            raise ValueError(
-                f"prompt_column={prompt_column!r} is not a column; columns are {list(columns)}"
-            )
-        if columns is not None and PROMPT in columns:
-            raise ValueError(
-                f"prompt_column={prompt_column!r} but the dataset also has a {PROMPT!r} column; "
-                "drop or rename one of them"
-            )
-        dataset = dataset.rename_column(prompt_column, PROMPT)
+        dataset = _rename_prompt_column(dataset, prompt_column)
     check_prompt_column(dataset)
     return dataset
 
@@ -284,6 +288,9 @@ class PromptEncoder:
     chat_template: str | None = None
     template_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
 
+    def __attrs_post_init__(self):
+        self.budget  # noqa: B018  (validate the limits now, not at the first prompt)
+
     @property
     def budget(self) -> int | None:
         return prompt_budget(
@@ -320,6 +327,16 @@ def stop_token_sequences(stop: str | Sequence[str] | None, tokenizer: Any) -> li
         if ids not in out:
             out.append(ids)
     return out
+
+
+def decode_completions(completion_ids: Sequence[Sequence[int]], tokenizer: Any) -> list[str]:
+    """Completion texts for reward functions, as TRL decodes them (special tokens skipped).
+
+    Args:
+        completion_ids: ``N`` lists of completion token ids, padding already removed.
+    """
+    hf = _hf_tokenizer(tokenizer)
+    return [hf.decode(list(ids), skip_special_tokens=True) for ids in completion_ids]
 
 
 # --- sampling ------------------------------------------------------------------------------
