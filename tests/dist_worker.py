@@ -119,7 +119,42 @@ def scenario_raise(group, out: dict) -> None:
     out["finished"] = True
 
 
-SCENARIOS = {"collectives": scenario_collectives, "raise": scenario_raise}
+def advantages_case(seed: int, world: int) -> np.ndarray:
+    """``[W*B*G, 2]`` rewards with NaNs (incl. unscorable rows); rebuilt by the parent."""
+    rng = np.random.default_rng(100 + seed)
+    rewards = rng.normal(size=(world * B * G, 2)).astype(np.float32)
+    rewards[rng.random(rewards.shape) < 0.25] = np.nan
+    rewards[seed] = np.nan
+    return rewards
+
+
+ADV_VARIANTS = (
+    dict(scale="batch"),
+    dict(scale="group"),
+    dict(scale="batch", aggregation="normalize_then_sum"),
+)
+
+
+def scenario_advantages(group, out: dict) -> None:
+    """``make_advantages(group=...)`` on each rank's shard (needs the advantages hook)."""
+    from grpo.core.advantages import make_advantages
+
+    r, world = D.rank(group), D.world_size(group)
+    weights = mx.array([1.0, 0.5])
+    out["cases"] = []
+    for seed in range(3):
+        local = shard(advantages_case(seed, world), r)
+        for variant in ADV_VARIANTS:
+            fn = make_advantages(group_size=G, group=group, **variant)
+            adv = fn(local, weights)
+            out["cases"].append({"adv": adv.advantages.tolist(), "zero": adv.is_std_zero.tolist()})
+
+
+SCENARIOS = {
+    "collectives": scenario_collectives,
+    "raise": scenario_raise,
+    "advantages": scenario_advantages,
+}
 
 
 def main(argv: list[str]) -> None:
