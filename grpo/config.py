@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -70,13 +70,11 @@ class GRPOConfig:
           two (TRL: no padding), so the compiled step sees a bounded set of shapes.
         - ``output_dir="trainer_output"`` (TRL: ``None``, which transformers maps to
           ``"trainer_output"``).
-        - ``loss_type`` supports ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo`` (TRL also has
-          ``cispo``, ``sapo``, ``luspo``, ``vespo``).
         - ``steps_per_generation`` must be a multiple of ``gradient_accumulation_steps``
           (TRL lets one accumulation window span two generation batches).
         - ``quantize_bits`` / ``quantize_group_size`` (new): quantize the base model at load
           for QLoRA (TRL: ``load_in_4bit`` through bitsandbytes).
-        - No vLLM, DeepSpeed, tool calling, entropy bonus or multimodal fields.
+        - No vLLM, DeepSpeed, tool calling, adaptive entropy or multimodal fields.
     """
 
     # -- model and LoRA --------------------------------------------------------------------
@@ -121,6 +119,15 @@ class GRPOConfig:
     loss_type: str = "dapo"
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
+    use_bias_correction_kl: bool = True
+    off_policy_mask_threshold: float | None = None
+    entropy_coef: float = 0.0
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     # -- optimisation --------------------------------------------------------------------
     learning_rate: float = 1e-6
@@ -157,6 +164,11 @@ class GRPOConfig:
         for check in (_check_batches, _check_generation, _check_loss, _check_optim, _check_misc):
             check(self, errors)
         errors.raise_if_any()
+        # The loss's own checks (sapo / vespo / entropy knobs) run here too, at construction.
+        try:
+            self.to_loss_config()
+        except ValueError as e:
+            raise ValueError(f"Invalid GRPOConfig:\n  - {e}") from e
 
     # -- resolved batch geometry (TRL fills these in __post_init__; we keep fields as given
     # so attrs.evolve stays valid, and resolve here) ----------------------------------------
@@ -208,20 +220,23 @@ class GRPOConfig:
         """The :class:`grpo.core.loss.LossConfig` for these settings."""
         from grpo.core.loss import LossConfig
 
-        return _build(LossConfig, self, _loss_values(self))
+        return LossConfig(**{name: getattr(self, name) for name in _LOSS_FIELDS})
 
-    def to_sampling_config(self, *, eos_token_ids=(), max_tokens: int | None = None):
-        """The :class:`grpo.core.rollout.SamplingConfig` for these settings."""
-        from grpo.core.rollout import SamplingConfig
+    def to_sampling_config(self, *, eos_token_ids=(), stop_sequences=()):
+        """The :class:`grpo.core.sampling.SamplingConfig` for these settings."""
+        from grpo.core.sampling import SamplingConfig
 
-        values = {
-            "max_tokens": self.max_completion_length if max_tokens is None else max_tokens,
-            "max_completion_length": self.max_completion_length
-            if max_tokens is None
-            else max_tokens,
-            "eos_token_ids": tuple(eos_token_ids),
-        }
-        return _build(SamplingConfig, self, values)
+        return SamplingConfig(
+            group_size=self.num_generations,
+            max_tokens=self.max_completion_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            eos_ids=tuple(eos_token_ids),
+            stop_sequences=tuple(tuple(s) for s in stop_sequences),
+        )
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples become lists)."""
@@ -240,24 +255,25 @@ class GRPOConfig:
         return cls(**values)
 
 
-def _loss_values(cfg: GRPOConfig) -> dict:
-    return {
-        "epsilon_low": cfg.epsilon,
-        "epsilon_high": cfg.resolved_epsilon_high,
-        "max_completion_length": cfg.max_completion_length,
-    }
-
-
-def _build(target_cls, cfg: GRPOConfig, overrides: dict):
-    """Fill ``target_cls``'s attrs fields from ``overrides``, else same-named config fields."""
-    kwargs = {}
-    for f in attrs.fields(target_cls):
-        name = f.alias or f.name
-        if f.name in overrides:
-            kwargs[name] = overrides[f.name]
-        elif hasattr(cfg, f.name) and f.init:
-            kwargs[name] = getattr(cfg, f.name)
-    return target_cls(**kwargs)
+_LOSS_FIELDS = (
+    "loss_type",
+    "importance_sampling_level",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "beta",
+    "use_bias_correction_kl",
+    "top_entropy_quantile",
+    "off_policy_mask_threshold",
+    "entropy_coef",
+    "max_completion_length",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+)
 
 
 def _positive_int(errors: _Errors, cfg: GRPOConfig, *names: str, minimum: int = 1):

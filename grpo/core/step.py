@@ -25,8 +25,10 @@ from mlx.utils import tree_map
 from grpo.core import distributed as dist
 from grpo.core.state import TrainState
 
-PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo")
-PER_TOKEN_LOSSES = ("bnpo", "dapo")
+# How each loss type normalises (grpo.core.loss reductions): per sequence (mean over rows,
+# or a per-row constant) or per live token of the accumulated batch.
+PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")
+PER_TOKEN_LOSSES = ("bnpo", "dapo", "cispo", "vespo")
 
 
 # -- schedule and optimizer --------------------------------------------------------------
@@ -99,7 +101,7 @@ def make_optimizer(cfg: Any, *, total_steps: int) -> optim.Optimizer:
 
 
 def per_sequence_weights(masks: mx.array, *, group=None) -> mx.array:
-    """``w_k = n_k / sum_j n_j``: every sequence counts once (``grpo``, ``dr_grpo``).
+    """``w_k = n_k / sum_j n_j``: every sequence counts once (grpo, dr_grpo, sapo, luspo).
 
     Args:
         masks: ``[K, n, T]`` loss masks of the ``K`` micro-batches.
@@ -112,7 +114,7 @@ def per_sequence_weights(masks: mx.array, *, group=None) -> mx.array:
 
 
 def per_token_weights(masks: mx.array, *, group=None) -> mx.array:
-    """``w_k = tokens_k / sum_j tokens_j``: every live token counts once (``bnpo``, ``dapo``).
+    """``w_k = tokens_k / sum_j tokens_j``: every live token counts once (bnpo, dapo, cispo, vespo).
 
     A micro-batch whose loss is ``sum(l * mask) / tokens_k`` weighted this way adds up to
     ``sum(l * mask) / num_items_in_batch`` over the accumulated batch.

@@ -122,6 +122,34 @@ def save_checkpoint(
     return directory
 
 
+def save_adapters(directory: str | Path, params: Any, *, adapter_config: dict) -> Path:
+    """Write ``adapters.safetensors`` + ``adapter_config.json`` into ``directory``.
+
+    Each file is written to a temporary name, fsynced and renamed, so a reader never sees a
+    half-written file. Loadable by ``mlx_lm.load(base, adapter_path=directory)``.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save the model: {directory} is a file")
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = _flat(params)
+    mx.eval(flat)
+    tmp_weights = directory / f".tmp-{os.getpid()}-{ADAPTERS}"
+    tmp_config = directory / f".tmp-{os.getpid()}-{ADAPTER_CONFIG}"
+    try:
+        mx.save_safetensors(str(tmp_weights), flat, metadata={"format": "mlx"})
+        _write_json(tmp_config, adapter_config)
+        for tmp in (tmp_weights, tmp_config):
+            _fsync_file(tmp)
+        os.replace(tmp_weights, directory / ADAPTERS)
+        os.replace(tmp_config, directory / ADAPTER_CONFIG)
+        _fsync_dir(directory)
+    finally:
+        for tmp in (tmp_weights, tmp_config):
+            tmp.unlink(missing_ok=True)
+    return directory
+
+
 def _check_complete(directory: Path) -> None:
     if not directory.exists():
         raise CheckpointError(f"checkpoint not found: {directory}")
