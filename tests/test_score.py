@@ -242,8 +242,8 @@ def test_log_metric_and_log_extra_are_collected():
         return [0.0] * len(completions)
 
     out = score(PROMPTS, COMPLETIONS, IDS, [logging_reward])
-    assert out.logged_metrics == {"judge/latency": [2.0]}
-    assert out.logged_extra == {"verdict": ["ok"] * 4}
+    assert out.metrics == {"judge/latency": [2.0]}
+    assert out.extra == {"verdict": ["ok"] * 4}
 
 
 # --- names ---------------------------------------------------------------------------------

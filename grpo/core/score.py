@@ -68,8 +68,8 @@ class Scores(NamedTuple):
 
     rewards_per_func: mx.array  # [N, F] float32, NaN where a function returned None
     names: tuple[str, ...]  # F reward-function names, as used in metric keys
-    logged_metrics: dict[str, list[float]]  # values passed to ``log_metric(name, value)``
-    logged_extra: dict[str, list]  # columns passed to ``log_extra(column, values)``
+    metrics: dict[str, list[float]]  # values passed to ``log_metric(name, value)``
+    extra: dict[str, list]  # columns passed to ``log_extra(column, values)``
 
 
 def reward_name(fn: Callable) -> str:
