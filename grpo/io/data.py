@@ -479,10 +479,11 @@ class PromptSampler:
     def _next_row(self) -> tuple[int, Mapping] | None:
         return self._next_streamed() if self.streaming else self._next_indexed()
 
-    def _accept(self, index: int, row: Mapping) -> list[int] | None | bool:
+    def _accept(self, index: int, row: Mapping) -> list[int] | None:
+        """The row's prompt ids ([] without an encoder), or None when the encoder drops it."""
         check_row(row, index)
         if self.encoder is None:
-            return True
+            return []
         ids = self.encoder(row[PROMPT], row=index)
         if ids is None:
             self.num_dropped += 1
