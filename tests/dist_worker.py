@@ -17,7 +17,7 @@ import numpy as np
 
 from grpo.core import distributed as D
 from grpo.core.numerics import nanmean
-from grpo.io.dist import barrier, fail_fast, init_distributed
+from grpo.io.dist import assert_in_sync, barrier, fail_fast, init_distributed
 
 B, G, T, DIM = 3, 4, 5, 6
 STAT_CASES = 5
@@ -100,7 +100,31 @@ def scenario_collectives(group, out: dict) -> None:
     out["div_same"] = D.max_divergence({"p": mx.arange(4).astype(mx.float32)}, group=group).item()
     out["div_rank"] = D.max_divergence({"p": mx.full((4,), 3.0 * r)}, group=group).item()
     out["stats"] = [_stats_case(group, s) for s in range(STAT_CASES)]
+    nan = float("nan")
+    reduced = D.reduce_metrics(
+        {
+            "only_rank1": nan if r == 0 else 4.0,
+            "nowhere": nan,
+            "x/max_len": r + 1.0,
+            "clip/low_min": -float(r),
+            "s": nan if r == 0 else 2.0,
+        },
+        group=group,
+        reducers={"s": "sum"},
+    )
+    out["nan_metrics"] = {k: v.item() for k, v in reduced.items()}
+    out["mismatch"] = _error_of(D.reduce_metrics, {f"name{r}": 1.0}, group=group)
+    out["in_sync"] = _error_of(assert_in_sync, {"w": mx.ones((3,))}, group=group)
+    out["out_of_sync"] = _error_of(assert_in_sync, {"w": mx.ones((3,)) * r}, group=group)
     barrier(group)
+
+
+def _error_of(fn, *args, **kwargs) -> str | None:
+    try:
+        fn(*args, **kwargs)
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def scenario_raise(group, out: dict) -> None:

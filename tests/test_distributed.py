@@ -10,6 +10,7 @@ from __future__ import annotations  # noqa: I001  (grpo must be imported before 
 
 import inspect
 import json
+import math
 import os
 import shutil
 import signal
@@ -127,6 +128,13 @@ def test_singleton_group_launches_no_collective():
     assert dist.init_distributed() is None
 
 
+def test_init_distributed_alone_does_not_touch_mx_distributed(monkeypatch):
+    for name in dist._LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(mx.distributed, "init", None)  # would raise TypeError if called
+    assert not dist.launched() and dist.init_distributed() is None
+
+
 @given(
     hnp.arrays(
         np.float32,
@@ -171,6 +179,23 @@ def test_rank_key_rank0_is_the_seed_key_and_ranks_differ():
     assert draws[0] != draws[1]
     with pytest.raises(ValueError, match="rank=-1"):
         D.rank_key(key, rank=-1)
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("completions/max_length", "max"),
+        ("completions/min_terminated_length", "min"),
+        ("clip_ratio/high_max", "max"),
+        ("clip_ratio/low_min", "min"),
+        ("sampling/ratio/min", "min"),
+        ("clip_ratio/low_mean", "mean"),
+        ("reward_std", "mean"),
+        ("maximum_effort", "mean"),
+    ],
+)
+def test_metric_reducer_from_name(name, kind):
+    assert D.metric_reducer(name) == kind
 
 
 def test_reduce_metrics_rejects_unknown_reducer():
@@ -232,6 +257,15 @@ def test_two_ranks_collectives_match_one_process_reference(tmp_path):
         assert res["all_max"] == [1.0, 0.0] and res["all_min"] == [0.0, -1.0]
         assert res["avg_a"] == [0.5] * 3 and res["avg_b"] == [[2.0, 2.0], [2.0, 2.0]]
         assert res["div_same"] == 0.0 and res["div_rank"] == 3.0
+    for res in (r0, r1):
+        m = res["nan_metrics"]
+        assert m["only_rank1"] == 4.0 and math.isnan(m["nowhere"]) and m["s"] == 2.0
+        assert m["x/max_len"] == 2.0 and m["clip/low_min"] == -1.0
+        assert (
+            res["mismatch"].startswith("ValueError") and "different metric names" in res["mismatch"]
+        )
+        assert res["in_sync"] is None
+        assert res["out_of_sync"].startswith("RuntimeError") and "'w'" in res["out_of_sync"]
     # Per-rank keys: rank 0 keeps the seed key, rank 1 gets the key its rank alone implies.
     assert r0["key"] == mx.random.key(7).tolist()
     assert r1["key"] == D.rank_key(mx.random.key(7), rank=1).tolist() != r0["key"]

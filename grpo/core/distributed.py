@@ -17,6 +17,7 @@ under ``mx.compile``. Every rank must call them in the same order with the same 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,23 +134,72 @@ def num_items_in_batch(mask: mx.array, *, group: Group | None) -> mx.array:
     return mx.maximum(n, 1.0) / world_size(group)
 
 
+def metric_reducer(name: str) -> str:
+    """Reducer a metric's name implies: ``"max"``/``"min"`` when its last ``/`` part starts or
+    ends with it (``completions/max_length``, ``clip_ratio/low_min``), else ``"mean"``."""
+    last = name.rsplit("/", 1)[-1]
+    for kind in ("max", "min"):
+        if last == kind or last.startswith(kind + "_") or last.endswith("_" + kind):
+            return kind
+    return "mean"
+
+
+def _check_same_metrics(how: Mapping[str, str], group: Group) -> None:
+    # Collectives pair by call order and size: ranks with different metric names would
+    # silently mix values (or hang), so compare a fingerprint first; every rank sees the same
+    # max and min and so raises together.
+    fp = float(zlib.crc32(repr(sorted(how.items())).encode()) & 0xFFFFFF)  # exact in float32
+    hi, neg_lo = mx.distributed.all_max(mx.array([fp, -fp]), group=group).tolist()
+    if hi != -neg_lo:
+        raise ValueError(
+            f"reduce_metrics: ranks passed different metric names or reducers; this rank has "
+            f"{sorted(how.items())}"
+        )
+
+
+def _reduce_sums(values: dict, keys: list[str], how: Mapping[str, str], group) -> dict:
+    vals = mx.stack([values[k] for k in keys])
+    valid = ~mx.isnan(vals)
+    sums, counts = all_sum(
+        mx.stack([mx.where(valid, vals, 0), valid.astype(mx.float32)]), group=group
+    )
+    is_mean = mx.array([how[k] == "mean" for k in keys])
+    out = mx.where(is_mean, sums / mx.maximum(counts, 1), sums)
+    out = mx.where(counts > 0, out, mx.nan)
+    return {k: out[i] for i, k in enumerate(keys)}
+
+
+def _reduce_extreme(values: dict, keys: list[str], kind: str, group) -> dict:
+    fill = -mx.inf if kind == "max" else mx.inf
+    vals = mx.stack([values[k] for k in keys])
+    op = all_max if kind == "max" else all_min
+    out = op(mx.where(mx.isnan(vals), fill, vals), group=group)
+    out = mx.where(out == fill, mx.nan, out)  # no rank had a value
+    return {k: out[i] for i, k in enumerate(keys)}
+
+
 def reduce_metrics(
-    metrics: Mapping[str, mx.array],
+    metrics: Mapping[str, mx.array | float],
     *,
     group: Group | None,
     reducers: Mapping[str, str] | None = None,
 ) -> dict[str, mx.array]:
-    """All-reduce a dict of scalar metrics: mean by default, or per key ``reducers[key]``.
+    """All-reduce a dict of scalar metrics across ranks, ignoring NaN (= "no value here").
 
-    All ``mean``/``sum`` scalars travel in one ``all_sum``; ``max``/``min`` in one each.
+    ``mean`` averages over the ranks that have a value, ``sum`` adds them, ``max``/``min``
+    take the extreme; the result is NaN when no rank has a value. All means and sums travel
+    in one ``all_sum``, maxima and minima in one collective each, after a one-element check
+    that every rank passed the same names (so a mismatch raises on every rank instead of
+    mixing values or hanging). Evaluates that check eagerly: call it outside ``mx.compile``.
 
     Args:
-        metrics: ``{name: scalar}`` local metrics, the same keys on every rank.
+        metrics: ``{name: scalar}`` local metrics, the same names on every rank.
         group: The ranks to reduce over, or ``None`` (returns a copy of ``metrics``).
-        reducers: ``{name: "mean" | "sum" | "max" | "min"}``; unlisted keys use ``"mean"``.
+        reducers: ``{name: "mean" | "sum" | "max" | "min"}``; other names use
+            :func:`metric_reducer`.
 
     Returns:
-        ``{name: float32 scalar}``, identical on every rank.
+        ``{name: float32 scalar}`` in the order of ``metrics``, identical on every rank.
     """
     reducers = dict(reducers or {})
     unknown = {k: v for k, v in reducers.items() if v not in _REDUCERS}
@@ -157,17 +207,17 @@ def reduce_metrics(
         raise ValueError(f"reduce_metrics: reducers must be one of {_REDUCERS}; got {unknown}")
     if not is_distributed(group):
         return dict(metrics)
-    how = {k: reducers.get(k, "mean") for k in metrics}
+    how = {k: reducers.get(k) or metric_reducer(k) for k in metrics}
+    _check_same_metrics(how, group)
+    values = {k: mx.array(v).astype(mx.float32).reshape(()) for k, v in metrics.items()}
     out = {}
-    for kinds, op in ((("mean", "sum"), all_sum), (("max",), all_max), (("min",), all_min)):
-        keys = sorted(k for k in metrics if how[k] in kinds)
+    sums = sorted(k for k in how if how[k] in ("mean", "sum"))
+    if sums:
+        out.update(_reduce_sums(values, sums, how, group))
+    for kind in ("max", "min"):
+        keys = sorted(k for k in how if how[k] == kind)
         if keys:
-            vals = op(
-                mx.stack([mx.array(metrics[k]).astype(mx.float32).reshape(()) for k in keys]),
-                group=group,
-            )
-            for i, k in enumerate(keys):
-                out[k] = vals[i] / world_size(group) if how[k] == "mean" else vals[i]
+            out.update(_reduce_extreme(values, keys, kind, group))
     return {k: out[k] for k in metrics}
 
 

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
-from grpo.core.distributed import Group, is_distributed, rank, world_size
+from grpo.core.distributed import Group, all_max, all_min, is_distributed, rank, world_size
 
 T = TypeVar("T")
 
@@ -27,18 +28,31 @@ _BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
 FAIL_FAST_EXIT_CODE = 1
 
 
+# Set by mlx.launch for every backend (MLX_RANK) and by mpirun (Open MPI, MPICH / PMIx).
+_LAUNCHER_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
+def launched() -> bool:
+    """True when a launcher (``mlx.launch``, ``mpirun``) started this process."""
+    return any(name in os.environ for name in _LAUNCHER_ENV)
+
+
 def init_distributed(*, backend: str = "any") -> Group | None:
     """Join the distributed job this process was launched into.
 
     Args:
-        backend: ``"any"`` (first available: mpi, ring, ...), or one of ``"ring"``,
-            ``"mpi"``, ``"nccl"``, ``"jaccl"`` to insist on it (then failing to join raises).
+        backend: ``"any"``: join with the first available backend (mpi, ring, ...) if a
+            launcher started this process, else stay alone without touching
+            ``mx.distributed``; or one of ``"ring"``, ``"mpi"``, ``"nccl"``, ``"jaccl"`` to
+            insist on it (failing to join then raises).
 
     Returns:
         The global group when more than one process takes part, else ``None``.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"init_distributed: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "any" and not launched():
+        return None
     group = mx.distributed.init(strict=backend != "any", backend=backend)
     return group if group.size() > 1 else None
 
@@ -57,6 +71,26 @@ def barrier(group: Group | None) -> None:
     """Block until every rank reaches this point (a one-element ``all_sum``)."""
     if is_distributed(group):
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+
+def assert_in_sync(tree: Any, *, group: Group | None, what: str = "parameters") -> None:
+    """Raise on every rank if ``tree`` (same structure everywhere) differs across ranks.
+
+    Compares one float32 sum per leaf, so it costs one small collective pair even for a full
+    model; call it after initialisation (every rank must start from the same weights, e.g.
+    the same LoRA init key) or in tests after training.
+    """
+    flat = tree_flatten(tree)
+    if not is_distributed(group) or not flat:
+        return
+    sums = mx.stack([v.astype(mx.float32).sum() for _, v in flat])
+    spread = all_max(sums, group=group) - all_min(sums, group=group)
+    bad = [name for (name, _), s in zip(flat, spread.tolist(), strict=True) if s != 0]
+    if bad:
+        raise RuntimeError(
+            f"{rank_prefix(group)}{what} differ across ranks in {len(bad)} of {len(flat)} "
+            f"arrays (first: {bad[0]!r}); every rank must start from the same weights"
+        )
 
 
 def rank_prefix(group: Group | None) -> str:
