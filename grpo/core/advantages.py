@@ -5,14 +5,16 @@
     r_i = \\sum_f w_f R_{i,f} \\;(\\text{NaN terms skipped}), \\qquad
     A_i = \\frac{r_i - \\operatorname{mean}_{j \\in g(i)} r_j}{\\operatorname{std}_{j \\in g(i)} r_j + \\epsilon}
 
-(DeepSeekMath, Shao et al. 2024, Eq. 3 with outcome supervision.) Rows are group-contiguous:
+(DeepSeekMath, Shao et al. 2024, Sec. 4.1.2, outcome supervision.) Rows are group-contiguous:
 rows ``b*G .. b*G+G-1`` are prompt ``b``'s completions. NaN means "this function does not
 apply". Edge cases, all matching TRL 1.16:
 
 - A row where every function is NaN is unscorable: its reward is NaN, it is left out of its
   group's mean and std, and its advantage is 0.
 - A group whose rewards are all equal has std 0: every advantage is exactly 0 (not NaN) and
-  the rows are flagged in ``is_std_zero`` (``frac_reward_zero_std``).
+  the rows are flagged in ``is_std_zero`` (``frac_reward_zero_std``). The flag tests the
+  std the row was scaled by: the group std for "group" and "none", the batch std (same flag
+  on every row) for "batch" and for ``normalize_then_sum``.
 - A group with a single scorable row has an undefined unbiased std (NaN, as TRL's
   ``nanstd``), so its advantages become 0 and it is not flagged as zero-std.
 - ``group_size == 1``: TRL uses std = 0 for "group"/"none" (an eval-only case there); the
