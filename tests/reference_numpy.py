@@ -99,3 +99,155 @@ def np_advantages(rewards_per_func, weights, group_size, scale, aggregation):
 # ---------------------------------------------------------------------------------------
 # (end of core-math section)
 # ---------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------
+# Policy loss (loss helper).
+# Re-derived from trl/trainer/grpo_trainer.py::_compute_loss, get_high_entropy_mask,
+# get_off_policy_mask and get_gamma_weights, written as one straight-line function in
+# float64 on purpose (the opposite shape of grpo.core.loss). `logp_sg` is the value of the
+# *detached* copies of logp (old default, cispo/vespo weights, off-policy mask) so a finite
+# difference can perturb logp while holding the stop-gradient parts fixed.
+# ---------------------------------------------------------------------------------------
+
+
+def np_kl_k3(logp, ref):
+    d = np.asarray(ref, np.float64) - np.asarray(logp, np.float64)
+    return np.exp(d) - d - 1.0
+
+
+def np_quantile_mask(entropies, mask, threshold):
+    """TRL get_high_entropy_mask on one process: entropy >= quantile(active entropies)."""
+    active = np.asarray(mask) > 0
+    values = np.asarray(entropies, np.float64)[active]
+    if values.size == 0:
+        return np.zeros_like(active)
+    return (np.asarray(entropies, np.float64) >= np.quantile(values, threshold)) & active
+
+
+def np_policy_loss(
+    logp, adv, mask, cfg, *, old=None, ref=None, entropies=None, num_items=None, logp_sg=None,
+    entropy_coef=None,
+):
+    """TRL 1.16 `_compute_loss` from per-token log-probs (eval mode, one process).
+
+    Returns (loss, metrics) as Python floats; `cfg` is read only for its field values.
+    """
+    f = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
+    logp, adv, mask, old, ref, ent = f(logp), f(adv)[:, None], f(mask), f(old), f(ref), f(entropies)
+    sg = logp.copy() if logp_sg is None else f(logp_sg)
+    old = sg if old is None else old
+    eps_low, eps_high = cfg.epsilon, cfg.epsilon_high
+    metrics = {}
+
+    entropy_mask = None
+    if cfg.top_entropy_quantile < 1.0:
+        entropy_mask = np_quantile_mask(ent, mask, 1 - cfg.top_entropy_quantile)
+    if cfg.off_policy_mask_threshold is not None:
+        kl_div = np.nan_to_num(old - sg, nan=0.0)
+        seq_kl = (kl_div * mask).sum(1, keepdims=True) / np.maximum(mask.sum(1, keepdims=True), 1)
+        opm = ((adv >= 0) | (seq_kl <= cfg.off_policy_mask_threshold)).astype(np.float64)
+
+    def importance_weight(log_ratio):
+        if cfg.importance_sampling_level == "token":
+            return np.exp(log_ratio)
+        return np.exp((log_ratio * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0))[:, None]
+
+    coef_1 = importance_weight(logp - old)
+    if cfg.beta != 0.0:
+        per_token_kl = np_kl_k3(logp, ref)
+        if cfg.use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+
+    lt = cfg.loss_type
+    if lt == "cispo":
+        per_token_loss = -np.minimum(importance_weight(sg - old), eps_high) * adv * logp
+    elif lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        coef_2 = np.clip(coef_1, 1 - eps_low, 1 + eps_high)
+        if cfg.delta is not None:
+            coef_1 = np.minimum(coef_1, cfg.delta)
+        per_token_loss = -np.minimum(coef_1 * adv, coef_2 * adv)
+    elif lt == "sapo":
+        tau = np.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        per_token_loss = -(1 / (1 + np.exp(-tau * (coef_1 - 1)))) * 4 / tau * adv
+    elif lt == "vespo":
+        seq = (np.clip(sg - old, -20, 20) * mask).sum(-1, keepdims=True)
+        log_w_seq = np.clip(seq, np.log(1e-8), 20.0)
+        k = np.where(adv >= 0, cfg.vespo_k_pos, cfg.vespo_k_neg)
+        lam = np.maximum(np.where(adv >= 0, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg), 1e-4)
+        phi = np.nan_to_num(np.exp(lam + k * log_w_seq - lam * np.exp(log_w_seq)), nan=0.0)
+        per_token_loss = -phi * adv * logp
+    if cfg.off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * opm
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    if cfg.beta != 0.0:
+        per_token_loss = per_token_loss + cfg.beta * per_token_kl
+
+    N, T = mask.shape
+    per_token_loss = np.broadcast_to(per_token_loss, (N, T))
+    if lt in ("grpo", "sapo"):
+        loss = ((per_token_loss * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0)).mean()
+    elif lt == "bnpo":
+        loss = (per_token_loss * mask).sum() / max(mask.sum(), 1.0)
+    elif lt == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (N * cfg.max_completion_length)
+    elif lt in ("cispo", "dapo", "vespo"):
+        n_items = mask.sum() if num_items is None else float(num_items)
+        loss = (per_token_loss * mask).sum() / max(n_items, 1.0)
+    elif lt == "luspo":
+        loss = (per_token_loss * mask).sum(-1).mean()
+
+    coef = cfg.entropy_coef if entropy_coef is None else entropy_coef
+    if cfg.entropy_coef != 0 or entropy_coef is not None:
+        eff = mask if entropy_mask is None else mask * entropy_mask
+        metrics["policy_loss"] = loss
+        loss = loss - coef * (ent * eff).sum() / max(eff.sum(), 1.0)
+
+    def seq_mean(x):
+        if x.shape[1] == 1:
+            return x[:, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+    def glob_mean(x):
+        if x.shape[1] == 1:
+            return x.sum() / max(x.shape[0], 1)
+        return (x * mask).sum() / max(mask.sum(), 1.0)
+
+    def nanext(fn, x):
+        return float("nan") if np.isnan(x).all() else float(fn(x))
+
+    if cfg.beta != 0.0:
+        metrics["kl"] = glob_mean(per_token_kl)
+    if ent is not None:
+        metrics["entropy"] = glob_mean(ent)
+    if lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        low = ((coef_1 < 1 - eps_low) & (adv < 0)).astype(np.float64)
+        high = ((coef_1 > 1 + eps_high) & (adv > 0)).astype(np.float64)
+        metrics["clip_ratio/low_mean"] = glob_mean(low)
+        metrics["clip_ratio/high_mean"] = glob_mean(high)
+        metrics["clip_ratio/region_mean"] = glob_mean(np.maximum(low, high))
+        metrics["clip_ratio/low_min"] = nanext(np.nanmin, seq_mean(low))
+        metrics["clip_ratio/high_max"] = nanext(np.nanmax, seq_mean(high))
+    elif lt == "cispo":
+        metrics["cispo_clip_ratio"] = glob_mean(((coef_1 > eps_high) & (adv > 0)).astype(float))
+    elif lt == "vespo":
+        metrics["vespo/phi_seq_mean"] = glob_mean(phi)
+    return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+def np_grad_fd(fn, x, h=1e-6):
+    """Central finite differences of a scalar function of a float64 array."""
+    x = np.asarray(x, np.float64)
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[idx] = h
+        g[idx] = (fn(x + e) - fn(x - e)) / (2 * h)
+    return g
+
+
+# ---------------------------------------------------------------------------------------
+# (end of loss section)
+# ---------------------------------------------------------------------------------------

@@ -71,3 +71,23 @@ def logits_and_tokens(draw, max_lead=2, max_tokens=5, max_vocab=9):
     tokens = draw(hnp.arrays(np.int32, lead + (t,), elements=st.integers(0, v - 1)))
     temperature = draw(st.sampled_from([0.5, 1.0, 1.7]))
     return logits, tokens, temperature
+
+
+# -- policy loss (loss helper) -------------------------------------------------------------
+# `small_logp` above has bound -0.01, which is not a float32, so hypothesis refuses it; this
+# variant of `token_batches` uses exactly representable bounds.
+policy_logp = st.floats(-8.0, -0.0625, allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def policy_batches(draw, max_rows=6, max_tokens=7):
+    """(logprobs, old_logprobs, ref_logprobs, advantages, mask) float32, >= 1 live token per row."""
+    n = draw(st.integers(1, max_rows))
+    t = draw(st.integers(1, max_tokens))
+    logp = draw(arrays((n, t), policy_logp))
+    old = logp + draw(arrays((n, t), st.floats(-0.5, 0.5, width=32)))
+    ref = logp + draw(arrays((n, t), st.floats(-1.0, 1.0, width=32)))
+    adv = draw(arrays((n,), st.floats(-3.0, 3.0, width=32)))
+    mask = draw(arrays((n, t), st.sampled_from([0.0, 1.0])))
+    mask[:, 0] = 1.0
+    return logp, old.astype(np.float32), ref.astype(np.float32), adv, mask
