@@ -171,7 +171,12 @@ def bucket_length(n: int, *, multiple: int | None = None, cap: int | None = None
 
 
 def _micro(batch: Any, k: int) -> Any:
-    return tree_map(lambda x: x[k], batch)
+    # None marks an absent optional field (LossBatch); it stays None in every micro-batch.
+    return tree_map(
+        lambda x: None if x is None else x[k],
+        batch,
+        is_leaf=lambda x: x is None or isinstance(x, mx.array),
+    )
 
 
 def _accumulate(grad_fn, params, batch, weights: mx.array, K: int):
