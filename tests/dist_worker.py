@@ -17,7 +17,14 @@ import numpy as np
 
 from grpo.core import distributed as D
 from grpo.core.numerics import nanmean
-from grpo.io.dist import assert_in_sync, barrier, fail_fast, init_distributed
+from grpo.io.dist import (
+    assert_in_sync,
+    barrier,
+    fail_fast,
+    gather_json,
+    init_distributed,
+    launched,
+)
 
 B, G, T, DIM = 3, 4, 5, 6
 STAT_CASES = 5
@@ -113,6 +120,7 @@ def scenario_collectives(group, out: dict) -> None:
         reducers={"s": "sum"},
     )
     out["nan_metrics"] = {k: v.item() for k, v in reduced.items()}
+    out["gathered"] = gather_json({"rank": r, "pad": "é" * (5 * r)}, group=group)
     out["mismatch"] = _error_of(D.reduce_metrics, {f"name{r}": 1.0}, group=group)
     out["in_sync"] = _error_of(assert_in_sync, {"w": mx.ones((3,))}, group=group)
     out["out_of_sync"] = _error_of(assert_in_sync, {"w": mx.ones((3,)) * r}, group=group)
@@ -183,14 +191,14 @@ SCENARIOS = {
 
 def main(argv: list[str]) -> None:
     name, out_dir, *rest = argv
-    group = init_distributed(backend="ring")
+    group = init_distributed(backend="ring" if launched() else "any")
     out: dict = {}
     if name in SCENARIOS:
         SCENARIOS[name](group, out)
     else:
         import dist_train_worker  # phase-2 scenarios live next to this file
 
-        dist_train_worker.run(name, group, out, rest)
+        dist_train_worker.run(name, group, out, Path(out_dir), rest)
     path = Path(out_dir) / f"rank{D.rank(group)}.json"
     path.write_text(json.dumps(out))
 

@@ -213,6 +213,10 @@ def test_io_helpers_single_process():
             raise ValueError("bad reward")
     with pytest.raises(ValueError, match="backend"):
         dist.init_distributed(backend="tcp")
+    assert dist.gather_json({"a": [1]}, group=None) == [{"a": [1]}]
+    made = dist.main_only(None, dict, a=1)
+    assert made == {"a": 1}
+    assert dist.Discard().write({"x": 1}) is None and dist.Discard().anything() is None
 
 
 # ------------------------------------------------------------- two processes
@@ -265,6 +269,7 @@ def test_two_ranks_collectives_match_one_process_reference(tmp_path):
             res["mismatch"].startswith("ValueError") and "different metric names" in res["mismatch"]
         )
         assert res["in_sync"] is None
+        assert res["gathered"] == [{"rank": 0, "pad": ""}, {"rank": 1, "pad": "é" * 5}]
         assert res["out_of_sync"].startswith("RuntimeError") and "'w'" in res["out_of_sync"]
     # Per-rank keys: rank 0 keeps the seed key, rank 1 gets the key its rank alone implies.
     assert r0["key"] == mx.random.key(7).tolist()

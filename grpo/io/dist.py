@@ -9,6 +9,7 @@ when the process runs alone, so the single-process path launches no collective a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import traceback
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from grpo.core.distributed import Group, all_max, all_min, is_distributed, rank, world_size
@@ -91,6 +93,43 @@ def assert_in_sync(tree: Any, *, group: Group | None, what: str = "parameters") 
             f"{rank_prefix(group)}{what} differ across ranks in {len(bad)} of {len(flat)} "
             f"arrays (first: {bad[0]!r}); every rank must start from the same weights"
         )
+
+
+def main_only(group: Group | None, factory: Callable[..., T], *args: Any, **kwargs: Any) -> T | Any:
+    """``factory(*args, **kwargs)`` on rank 0; elsewhere an object whose every method is a no-op.
+
+    For writers (metrics files, progress bars, trackers): other ranks get the same
+    interface and write nothing, e.g. ``writer = main_only(group, MetricsWriter, out_dir)``.
+    """
+    return factory(*args, **kwargs) if is_main_process(group) else Discard()
+
+
+class Discard:
+    """Null object: any attribute is a function that accepts anything and returns ``None``."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return _discard
+
+
+def _discard(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def gather_json(obj: Any, *, group: Group | None) -> list[Any]:
+    """Every rank's JSON-serialisable ``obj``, in rank order (``[obj]`` alone).
+
+    E.g. each rank's sampler position, so rank 0 can save all of them in one checkpoint.
+    Two ``all_gather`` calls (lengths, then the padded UTF-8 bytes).
+    """
+    if not is_distributed(group):
+        return [obj]
+    data = json.dumps(obj).encode()
+    lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=group)
+    lengths = lengths.tolist()
+    padded = data + b" " * (max(lengths) - len(data))
+    buf = mx.distributed.all_gather(mx.array(list(padded), dtype=mx.uint8), group=group)
+    rows = np.array(buf, dtype=np.uint8).reshape(len(lengths), max(lengths))
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths, strict=True)]
 
 
 def rank_prefix(group: Group | None) -> str:
