@@ -37,7 +37,10 @@ from typing import NamedTuple
 
 import attrs
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map_with_path
 
+from grpo.core.batch import LossBatch
+from grpo.core.logprobs import token_logprobs, token_logprobs_and_entropy
 from grpo.core.numerics import masked_mean, masked_sum, safe_div
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -81,6 +84,8 @@ class LossConfig:
         max_completion_length: the constant denominator of ``dr_grpo``.
         sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures for A > 0 / A <= 0.
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO Gamma weights.
+        temperature: sampling temperature; :func:`grpo_loss` scores completions under
+            ``softmax(logits / temperature)`` as TRL does, so it must match the sampler.
     """
 
     loss_type: str = attrs.field(default="dapo", validator=_one_of(LOSS_TYPES))
@@ -102,6 +107,7 @@ class LossConfig:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    temperature: float = 1.0
 
     def __attrs_post_init__(self):
         if self.epsilon_high is None:
@@ -133,6 +139,12 @@ class LossConfig:
         for name in ("vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             v = getattr(self, name)
             _require(_finite(v) and v >= 0, name, v, ">= 0")
+        _require(
+            _finite(self.temperature) and self.temperature > 0,
+            "temperature",
+            self.temperature,
+            "> 0",
+        )
 
 
 def _finite(x) -> bool:
@@ -678,4 +690,144 @@ def policy_loss(
         entropies=entropies,
         num_items_in_batch=num_items_in_batch,
         entropy_coef=entropy_coef,
+    )
+
+
+# -------------------------------------------------------------- model level
+
+
+def _lm_head(model):
+    if hasattr(model, "lm_head"):
+        return model.lm_head
+    if hasattr(model, "model") and hasattr(model.model, "embed_tokens"):
+        return model.model.embed_tokens.as_linear  # tied embeddings (llama/qwen2 convention)
+    raise ValueError(
+        f"completion_logprobs: {type(model).__name__} has neither `lm_head` nor "
+        "`model.embed_tokens`; only mlx-lm models whose logits are head(model.model(x)) work"
+    )
+
+
+def completion_logprobs(
+    model,
+    params,
+    batch: LossBatch,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
+    """Log-probs of each completion token, with logits only at completion positions.
+
+    .. math:: \\log\\pi_\\theta(c_{i,t} \\mid x_{i, < s_i + t}), \\quad s_i = \\text{completion\\_start}_i
+
+    Runs the transformer trunk ``model.model`` on ``batch.input_ids``, gathers the hidden
+    states at positions ``s_i - 1 + t`` (the ones that predict completion token ``t``) and
+    applies the LM head (``model.lm_head`` or, with tied embeddings,
+    ``model.model.embed_tokens.as_linear``) only there: ``[N, T, V]`` logits, never
+    ``[N, P + T, V]``. The one place where the model object meets the parameter arrays.
+
+    Args:
+        model: an mlx-lm causal LM (llama/qwen2 layout); updated in place with ``params``.
+        params: parameter tree for ``model.update`` (all weights, or only the trainable
+            ones, e.g. LoRA adapters, on top of the frozen rest).
+        batch: a :class:`LossBatch`; needs ``input_ids [N, P+T]``, ``completion_start [N]``
+            (``>= 1``) and ``completion_ids [N, T]``.
+        temperature: log-probs are taken under ``softmax(logits / temperature)``.
+        with_entropy: also return per-token entropies.
+
+    Returns:
+        ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
+    """
+    model.update(params)
+    hidden = model.model(batch.input_ids)  # [N, P+T, D]
+    T = batch.completion_ids.shape[1]
+    # Row i's completion token t sits at s_i + t and is predicted from position s_i + t - 1.
+    pos = batch.completion_start.astype(mx.int32)[:, None] - 1 + mx.arange(T)[None, :]
+    logits = _lm_head(model)(mx.take_along_axis(hidden, pos[..., None], axis=1))
+    if with_entropy:
+        return token_logprobs_and_entropy(logits, batch.completion_ids, temperature=temperature)
+    return token_logprobs(logits, batch.completion_ids, temperature=temperature)
+
+
+def lora_reference_params(params):
+    """The LoRA reference policy: the same adapter tree with every ``lora_b`` zeroed.
+
+    With ``lora_b = 0`` each LoRA layer's update ``scale * (x A) B`` is exactly zero, so
+    ``model.update(lora_reference_params(adapters))`` makes the model compute the frozen
+    base weights' outputs. Only adapter-sized zeros are allocated; base weights are shared.
+
+    Args:
+        params: tree holding mlx-lm ``LoRALinear`` adapters (``lora_a``/``lora_b`` leaves).
+
+    Returns:
+        A tree with the same structure.
+
+    Raises:
+        ValueError: if ``params`` has no ``lora_b`` leaf (a full fine-tune needs an explicit
+            reference copy) or holds DoRA magnitudes (``m``), which zeroing cannot undo.
+    """
+    paths = [path for path, _ in tree_flatten(params)]
+    if not any(p.endswith("lora_b") for p in paths):
+        raise ValueError(
+            "lora_reference_params: params has no `lora_b` leaves (got e.g. "
+            f"{paths[:3]}); pass an explicit reference tree for a full fine-tune"
+        )
+    dora = [p for p in paths if p.endswith(".m")]
+    if dora:
+        raise ValueError(
+            f"lora_reference_params: DoRA magnitudes such as {dora[0]!r} cannot be switched "
+            "off by zeroing lora_b; pass an explicit reference tree"
+        )
+    return tree_map_with_path(lambda p, x: mx.zeros_like(x) if p.endswith("lora_b") else x, params)
+
+
+def _reference_logprobs(model, ref_params, batch: LossBatch, cfg: LossConfig):
+    if cfg.beta == 0:
+        return None
+    if ref_params is not None and batch.ref_logprobs is not None:
+        raise ValueError(
+            "grpo_loss: got both ref_params and batch.ref_logprobs; pass exactly one reference"
+        )
+    if ref_params is None:
+        return batch.ref_logprobs
+    logp = completion_logprobs(model, ref_params, batch, temperature=cfg.temperature)
+    return mx.stop_gradient(logp)
+
+
+def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
+    """The GRPO objective of a model on one :class:`LossBatch`: forward, log-probs, loss.
+
+    .. math:: \\mathcal{L}(\\theta) = \\texttt{policy\\_loss}\\big(\\log\\pi_\\theta(c \\mid x),
+              A, m;\\ \\log\\pi_{old}, \\log\\pi_{ref}, H\\big)
+
+    Reference rule (KL term only when ``cfg.beta != 0``): ``ref_params`` given -> a
+    stop-gradient forward of ``model`` with ``ref_params`` (for LoRA, pass
+    :func:`lora_reference_params` of the adapters); else ``batch.ref_logprobs`` if present;
+    else **no KL term** (the loss is that of ``beta = 0``). Passing both raises.
+
+    ``batch.old_logprobs`` ``None`` means the detached current log-probs (ratio 1);
+    ``batch.num_items_in_batch`` ``None`` means this batch's active-token count.
+
+    Args:
+        params: trainable parameter tree (the differentiated argument).
+        ref_params: reference parameter tree or ``None``.
+        batch: the :class:`LossBatch`.
+        model: the mlx-lm model (closed over; updated in place).
+        cfg: :class:`LossConfig` (its ``temperature`` scales the logits).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`policy_loss`; ``entropy`` is always included.
+    """
+    ref_logprobs = _reference_logprobs(model, ref_params, batch, cfg)
+    logprobs, entropies = completion_logprobs(
+        model, params, batch, temperature=cfg.temperature, with_entropy=True
+    )
+    loss_cfg = cfg if ref_logprobs is not None or cfg.beta == 0 else attrs.evolve(cfg, beta=0.0)
+    return make_policy_loss(loss_cfg)(
+        logprobs,
+        batch.advantages,
+        batch.completion_mask,
+        old_logprobs=batch.old_logprobs,
+        ref_logprobs=ref_logprobs,
+        entropies=entropies,
+        num_items_in_batch=batch.num_items_in_batch,
     )
