@@ -83,7 +83,7 @@ def config(out_dir: Path, prompts: int) -> GRPOConfig:
         seed=3,
         output_dir=str(out_dir / "trainer"),
         logging_steps=1,
-        save_steps=1000,
+        save_steps=2,
         disable_tqdm=True,
     )
 
@@ -103,3 +103,9 @@ def run(name: str, group, out: dict, out_dir: Path, args: list[str]) -> None:
     out["moved"] = max(mx.abs(final[k] - initial[k]).max().item() for k in final)
     out["log"] = trainer.log_history
     out["world"] = D.world_size(group)
+    # Resume from step 2 (each rank from its own sampler position) and redo step 3.
+    with mock.patch.object(grpo.trainer, "rollout", per_prompt_rollout):
+        again = grpo.trainer.GRPOTrainer(model_dir, [reward], args=cfg, train_dataset=DATASET)
+        again.train(resume_from_checkpoint=str(Path(cfg.output_dir) / "checkpoint-2"))
+    resumed = dict(tree_flatten(again.state.params))
+    out["resume_diff"] = max(mx.abs(resumed[k] - final[k]).max().item() for k in final)

@@ -384,6 +384,9 @@ def test_two_ranks_with_batch_B_train_like_one_process_with_batch_2B(tmp_path, t
         np.testing.assert_allclose(ranks[0][name], ref[name], rtol=0, atol=1e-6, err_msg=name)
     # The parameters really moved, so a wrong scale or a missing all-reduce would show.
     assert one.results[0]["moved"] > 1e-3
+    # Resuming at step 2 (every rank from its own saved sampler position) redoes step 3.
+    for res in (*one.results.values(), *two.results.values()):
+        assert res["resume_diff"] <= 1e-6
 
     # Rank 0 logged the all-reduced metrics, equal to the one-process ones.
     log_one, log_two = one.results[0]["log"], two.results[0]["log"]
@@ -398,10 +401,10 @@ def test_two_ranks_with_batch_B_train_like_one_process_with_batch_2B(tmp_path, t
             k: v for k, v in r1.items() if k not in timing
         }
 
-    # Only rank 0 wrote: one line per step, and the final checkpoint.
+    # Only rank 0 wrote: one line per step (the resumed run rewrote step 3), and checkpoints.
     out = tmp_path / "two" / "trainer"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == W.STEPS
-    assert (out / f"checkpoint-{W.STEPS}").is_dir()
+    assert (out / "checkpoint-2").is_dir() and (out / f"checkpoint-{W.STEPS}").is_dir()
 
 
 @needs_trainer_patch
