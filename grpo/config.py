@@ -267,6 +267,7 @@ _LOSS_FIELDS = (
     "off_policy_mask_threshold",
     "entropy_coef",
     "max_completion_length",
+    "temperature",
     "sapo_temperature_pos",
     "sapo_temperature_neg",
     "vespo_k_pos",

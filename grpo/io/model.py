@@ -16,7 +16,9 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from grpo.core.loss import lora_reference_params
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
@@ -142,15 +144,6 @@ def add_lora(model: nn.Module, adapter_config: dict, *, key: mx.array) -> Any:
     return adapters
 
 
-def adapters_off(adapters: Any) -> Any:
-    """The adapter tree with every ``lora_b`` zeroed: the LoRA term vanishes exactly."""
-
-    def off(path, x):
-        return mx.zeros_like(x) if path.endswith("lora_b") else x
-
-    return tree_map_with_path(off, adapters)
-
-
 def frozen_copy(params: Any) -> Any:
     """An evaluated copy of ``params`` that no optimizer update can reach."""
     copy = tree_map(lambda x: mx.array(x), params)
@@ -191,7 +184,7 @@ def prepare_policy(model: nn.Module, cfg: Any, *, key: mx.array, base: str | Non
             "group_size": cfg.quantize_group_size,
         }
     adapters = add_lora(model, adapter_config, key=key)
-    ref = adapters_off(adapters) if cfg.beta > 0 else None
+    ref = lora_reference_params(adapters) if cfg.beta > 0 else None
     return Policy(model, adapters, ref, "lora", adapter_config)
 
 

@@ -1,0 +1,576 @@
+"""``GRPOTrainer``: TRL's trainer API over the pure, compiled GRPO step.
+
+One *generation batch* (``GRPOConfig.resolved_generation_batch_size`` rows) goes through
+
+1. sample ``B`` prompts (:class:`grpo.io.data.PromptSampler`), render and tokenise them;
+2. roll out ``G`` completions per prompt (:func:`grpo.core.rollout.rollout`); the sampled
+   token ids are kept as they are (never re-encoded from text);
+3. decode, score every reward function, compute group-relative advantages;
+4. pad to length buckets, pack ``prompt ++ completion``; reference log-probs once per
+   generation batch (``beta > 0``), old log-probs once when the policy moves before the
+   batch is used up (the rollout's own sampling log-probs when sampling is
+   temperature-only);
+5. ``num_iterations`` passes over ``steps_per_generation`` micro-batches, every
+   ``gradient_accumulation_steps`` of them one compiled optimizer step.
+
+Checkpoints are written at generation-batch boundaries (the first boundary at or after a
+multiple of ``save_steps``, and at the end), so resuming replays the identical trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+from grpo.config import GRPOConfig
+from grpo.core.advantages import make_advantages
+from grpo.core.batch import LossBatch, pack
+from grpo.core.loss import completion_logprobs, grpo_loss
+from grpo.core.rollout import Rollout, rollout
+from grpo.core.score import RewardContext, reward_metrics, reward_weights, score
+from grpo.core.state import TrainState, init_state
+from grpo.core.step import bucket_length, make_optimizer, make_train_step
+from grpo.io import checkpoint as ckpt
+from grpo.io.data import (
+    PromptEncoder,
+    PromptSampler,
+    column_names,
+    decode_completions,
+    load_prompts,
+)
+from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
+from grpo.io.model import Policy, load_model, prepare_policy
+from grpo.rewards import resolve_reward_funcs
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/inf; the weights were not updated."""
+
+
+def _hf(tokenizer: Any) -> Any:
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids of an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids:
+        return tuple(sorted(int(i) for i in ids))
+    eos = getattr(_hf(tokenizer), "eos_token_id", None)
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; completions could never end")
+    return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
+
+
+def _temperature_only(cfg: GRPOConfig) -> bool:
+    return cfg.top_p == 1.0 and cfg.top_k == 0 and not cfg.min_p and cfg.repetition_penalty == 1.0
+
+
+def _pad_right(x: mx.array, length: int, value=0) -> mx.array:
+    extra = length - x.shape[1]
+    return x if extra <= 0 else mx.pad(x, [(0, 0), (0, extra)], constant_values=value)
+
+
+def _rows(batch: LossBatch, start: int, stop: int) -> LossBatch:
+    return LossBatch(*(None if x is None or x.ndim == 0 else x[start:stop] for x in batch))
+
+
+def _windows(batch: LossBatch, *, micro: int, K: int) -> list[LossBatch]:
+    """Split ``N`` rows into micro-batches of ``micro`` rows, ``K`` per optimizer step."""
+    N = batch.input_ids.shape[0]
+    S = N // micro
+
+    def split(x):
+        return None if x is None else x.reshape(S, micro, *x.shape[1:])
+
+    stacked = LossBatch(*(split(x) for x in batch))
+    return [
+        LossBatch(*(None if x is None else x[w * K : (w + 1) * K] for x in stacked))
+        for w in range(S // K)
+    ]
+
+
+def _completion_metrics(roll: Rollout) -> dict[str, float]:
+    lengths = np.array(roll.completion_lengths)
+    truncated = np.array(roll.is_truncated)
+    terminated = lengths[~truncated]
+    out = {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(truncated.mean()),
+    }
+    if terminated.size:
+        out["completions/mean_terminated_length"] = float(terminated.mean())
+        out["completions/min_terminated_length"] = float(terminated.min())
+        out["completions/max_terminated_length"] = float(terminated.max())
+    return out
+
+
+@attrs.frozen
+class Generation:
+    """One scored generation batch, split into optimizer-step windows."""
+
+    windows: list  # [LossBatch] each with a leading K axis
+    metrics: dict  # reward / completion metrics of the batch
+    num_tokens: int  # prompt + completion tokens
+    table: tuple  # (prompts, completions, {name: rewards}, advantages) for log_completions
+
+
+class GRPOTrainer:
+    """Group Relative Policy Optimization with TRL's interface, on MLX.
+
+    Args:
+        model: an mlx-lm model, or a local path / hub id loaded with ``mlx_lm.load``.
+        reward_funcs: a reward callable (TRL signature ``f(prompts, completions,
+            completion_ids, **columns) -> list[float | None]``), a built-in name, or a list
+            of these.
+        args: a :class:`GRPOConfig` (default ``GRPOConfig()``).
+        train_dataset: a ``datasets.Dataset``, list of dicts, file or hub id with a
+            ``prompt`` column (text or chat messages); other columns reach the rewards.
+        eval_dataset: the same, for :meth:`evaluate`.
+        processing_class: the tokenizer (required when ``model`` is a module; an mlx-lm
+            ``TokenizerWrapper`` or a Hugging Face tokenizer).
+        callbacks: objects with any of ``on_train_begin(trainer)``,
+            ``on_step_end(trainer, step, metrics)``, ``on_log(trainer, logs)``,
+            ``on_save(trainer, path)``, ``on_evaluate(trainer, metrics)``,
+            ``on_train_end(trainer)`` (not transformers ``TrainerCallback`` objects). Setting
+            ``trainer.should_stop = True`` ends training at the next generation boundary.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any,
+        args: GRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        callbacks: Sequence[Any] | None = None,
+    ):
+        self.args = args = GRPOConfig() if args is None else args
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        self.model, self.processing_class, self.base = self._load(model, processing_class)
+        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        self.reward_weights = reward_weights(args.reward_weights, len(self.reward_funcs))
+        self.train_dataset = load_prompts(train_dataset)
+        self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
+        self.callbacks = list(callbacks or [])
+        self._check_output_dir()
+        self.encoder = PromptEncoder(
+            self.processing_class,
+            max_completion_length=args.max_completion_length,
+            max_prompt_length=args.max_prompt_length,
+            context_length=getattr(
+                getattr(self.model, "args", None), "max_position_embeddings", None
+            ),
+        )
+        self.sampler = PromptSampler(
+            self.train_dataset,
+            batch_size=args.prompts_per_generation,
+            group_size=args.num_generations,
+            seed=args.seed,
+            shuffle=args.shuffle_dataset,
+            encoder=self.encoder,
+        )
+        key_model, key_run = mx.random.split(mx.random.key(args.seed))
+        self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
+        self.max_steps = self._total_steps()
+        self.optimizer = make_optimizer(args, total_steps=self.max_steps)
+        self.state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
+        self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
+        self.loss_config = args.to_loss_config()
+        self._advantages = make_advantages(
+            group_size=args.num_generations,
+            scale=args.scale_rewards,
+            aggregation=args.multi_objective_aggregation,
+        )
+        self._train_step = self._build_step()
+        self._logprobs = mx.compile(self._logprobs_fn)
+        self.num_tokens = 0
+        self.log_history: list[dict] = []
+        # A callback may set this; training stops at the next generation-batch boundary
+        # (after any checkpoint due there), like transformers' control.should_training_stop.
+        self.should_stop = False
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _load(self, model, processing_class):
+        if isinstance(model, (str, Path)):
+            loaded, tokenizer = load_model(
+                str(model), trust_remote_code=self.args.trust_remote_code
+            )
+            return loaded, processing_class or tokenizer, str(model)
+        if processing_class is None:
+            raise ValueError(
+                "processing_class (the tokenizer) is required when model is an mlx module; "
+                "pass the tokenizer returned by mlx_lm.load, or pass the model path instead"
+            )
+        return model, processing_class, None
+
+    def _check_output_dir(self):
+        out = Path(self.args.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output_dir={str(out)!r} exists and is a file, not a directory")
+
+    def _total_steps(self) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        per_epoch = self.sampler.steps_per_epoch
+        if per_epoch is None:
+            raise ValueError(
+                "a streaming train_dataset needs max_steps > 0 (its length is unknown)"
+            )
+        steps = per_epoch * self.args.num_train_epochs * self.args.optimizer_steps_per_generation
+        return max(1, math.ceil(steps))
+
+    def _loss_fn(self, params, batch: LossBatch):
+        return grpo_loss(params, None, batch, model=self.model, cfg=self.loss_config)
+
+    def _logprobs_fn(self, params, batch: LossBatch):
+        return completion_logprobs(self.model, params, batch, temperature=self.args.temperature)
+
+    def _build_step(self):
+        if self.args.lora_dropout == 0:
+            return make_train_step(self.model, self.optimizer, self._loss_fn, cfg=self.args)
+        # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
+        # state (the mlx-lm idiom); this keeps the masks fresh at every step.
+        step = make_train_step(
+            self.model, self.optimizer, self._loss_fn, cfg=self.args, compile=False
+        )
+        return mx.compile(step, inputs=[mx.random.state], outputs=[mx.random.state])
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        return int(self.state.step.item())
+
+    @property
+    def reward_names(self) -> tuple[str, ...]:
+        from grpo.core.score import reward_names
+
+        return reward_names(self.reward_funcs)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _decode(self, roll: Rollout) -> tuple[list[list[int]], list[str]]:
+        ids = np.array(roll.completion_ids)
+        lengths = np.array(roll.completion_lengths)
+        rows = [ids[i, : lengths[i]].tolist() for i in range(ids.shape[0])]
+        return rows, decode_completions(rows, self.processing_class)
+
+    def _pad(self, roll: Rollout) -> Rollout:
+        cfg = self.args
+        T = bucket_length(
+            roll.completion_ids.shape[1],
+            multiple=cfg.pad_to_multiple_of,
+            cap=cfg.max_completion_length,
+        )
+        P = bucket_length(roll.prompt_ids.shape[1], multiple=cfg.pad_to_multiple_of)
+        return roll._replace(
+            prompt_ids=_pad_right(roll.prompt_ids, P),
+            completion_ids=_pad_right(roll.completion_ids, T),
+            logprobs=_pad_right(roll.logprobs, T, 0.0),
+            completion_mask=_pad_right(roll.completion_mask, T, 0.0),
+        )
+
+    def _score(self, prompts, roll, columns, *, step: int):
+        completion_ids, texts = self._decode(roll)
+        context = RewardContext(
+            global_step=step,
+            epoch=float(self.sampler.epoch),
+            max_steps=self.max_steps,
+            max_completion_length=self.args.max_completion_length,
+        )
+        scores = score(
+            prompts, texts, completion_ids, self.reward_funcs, columns=columns, context=context
+        )
+        adv = self._advantages(scores.rewards_per_func, self.reward_weights)
+        metrics = reward_metrics(
+            scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
+        )
+        metrics.update({k: float(np.mean(v)) for k, v in scores.metrics.items()})
+        per_func = np.array(scores.rewards_per_func)
+        table = (
+            list(prompts),
+            texts,
+            {n: per_func[:, f].tolist() for f, n in enumerate(scores.names)},
+            np.array(adv.advantages).tolist(),
+        )
+        return adv, metrics, table
+
+    def _per_micro(self, fn, params, batch: LossBatch) -> mx.array:
+        n = self.args.per_device_train_batch_size
+        N = batch.input_ids.shape[0]
+        # Reference / old log-probs are dropout-free (eval mode), the step runs in train mode;
+        # each compiled function is traced once in its mode.
+        self.model.eval()
+        parts = [fn(params, _rows(batch, s, s + n)) for s in range(0, N, n)]
+        out = mx.concatenate(parts, axis=0)
+        mx.eval(out)
+        self.model.train()
+        self.model.update(self.state.params)  # drop the trace's placeholders from the model
+        return out
+
+    def _loss_batch(self, roll: Rollout, advantages: mx.array) -> LossBatch:
+        mask = roll.completion_mask
+        if self.args.mask_truncated_completions:
+            # DAPO: truncated completions carry no signal about the answer; drop them.
+            mask = mask * (~roll.is_truncated)[:, None].astype(mask.dtype)
+        batch = LossBatch(
+            input_ids=pack(roll.prompt_ids, roll.prompt_lengths, roll.completion_ids),
+            completion_start=roll.prompt_lengths.astype(mx.int32),
+            completion_ids=roll.completion_ids,
+            completion_mask=mask,
+            advantages=advantages.astype(mx.float32),
+        )
+        if self.policy.ref_params is not None:
+            batch = batch._replace(
+                ref_logprobs=self._per_micro(self._logprobs, self.policy.ref_params, batch)
+            )
+        if self.args.optimizer_steps_per_generation > 1:
+            old = (
+                roll.logprobs
+                if _temperature_only(self.args)
+                else self._per_micro(self._logprobs, self.state.params, batch)
+            )
+            batch = batch._replace(old_logprobs=old)
+        return batch
+
+    def _generate(self, key: mx.array) -> Generation:
+        prompts = next(self.sampler)
+        roll = rollout(
+            self.state.params, key, prompts.prompt_ids, model=self.model, sampling=self.sampling
+        )
+        adv, metrics, table = self._score(
+            prompts.prompts, roll, prompts.columns, step=self.global_step
+        )
+        metrics.update(_completion_metrics(roll))
+        roll = self._pad(roll)
+        batch = self._loss_batch(roll, adv.advantages)
+        tokens = int(np.array(roll.prompt_lengths).sum() + np.array(roll.completion_lengths).sum())
+        windows = _windows(
+            batch,
+            micro=self.args.per_device_train_batch_size,
+            K=self.args.gradient_accumulation_steps,
+        )
+        return Generation(windows, metrics, tokens, table)
+
+    # -- optimisation ----------------------------------------------------------------------
+
+    def _step(self, window: LossBatch) -> dict[str, float]:
+        self.model.train()
+        state, metrics = self._train_step(self.state, window)
+        mx.eval(state, metrics)
+        values = {k: float(v.item()) for k, v in metrics.items()}
+        step = self.global_step + 1
+        for name in ("loss", "grad_norm"):
+            if not math.isfinite(values[name]):
+                self.model.update(self.state.params)
+                raise NonFiniteError(
+                    f"non-finite {name}={values[name]} at step {step}; the update was not applied"
+                )
+        self.state = state
+        self.model.update(state.params)  # the compiled step leaves placeholders in the model
+        return values
+
+    def _callback(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self, *args)
+
+    # -- train -----------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
+        """Run GRPO until ``max_steps`` optimizer steps; returns the last logged metrics.
+
+        Args:
+            resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest one in
+                ``output_dir``. A missing or corrupt checkpoint raises
+                :class:`grpo.io.checkpoint.CheckpointError` (never a silent fresh start).
+        """
+        args = self.args
+        writer = MetricsWriter(args.output_dir)
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+            writer.truncate_after(self.global_step)
+        progress = Progress(self.max_steps, initial=self.global_step, enabled=not args.disable_tqdm)
+        self.should_stop = False
+        self._callback("on_train_begin")
+        window_rows: list[dict] = []
+        last: dict[str, float] = {}
+        saved_at = self.global_step
+        self._clock = time.perf_counter()
+        try:
+            while self.global_step < self.max_steps:
+                key, sub = mx.random.split(self.state.key)
+                self.state = self.state._replace(key=key)
+                gen = self._generate(sub)
+                self.num_tokens += gen.num_tokens
+                last = self._run_generation(gen, window_rows, writer, progress) or last
+                if self.global_step // args.save_steps > saved_at // args.save_steps:
+                    self.save_checkpoint()
+                    saved_at = self.global_step
+                if self.should_stop:
+                    break
+            if saved_at != self.global_step:
+                self.save_checkpoint()
+        finally:
+            progress.close()
+        self._callback("on_train_end")
+        return last
+
+    def _run_generation(self, gen: Generation, window_rows, writer, progress) -> dict:
+        args, logged = self.args, {}
+        per_step_tokens = gen.num_tokens / args.optimizer_steps_per_generation
+        for _ in range(args.num_iterations):
+            for window in gen.windows:
+                if self.global_step >= self.max_steps:
+                    return logged
+                values = self._step(window)
+                now = time.perf_counter()
+                # The first step of a generation batch also pays for its rollout and scoring.
+                values["step_time"] = now - self._clock
+                values["tokens_per_second"] = per_step_tokens / max(now - self._clock, 1e-9)
+                self._clock = now
+                values.update(gen.metrics)
+                values["num_tokens"] = float(self.num_tokens)
+                window_rows.append(values)
+                step = self.global_step
+                self._callback("on_step_end", step, values)
+                if step % args.logging_steps == 0 or step == self.max_steps:
+                    logged = self._log(window_rows, writer, step, gen)
+                    window_rows.clear()
+                progress.update(step, logged or values)
+                if (
+                    args.eval_steps
+                    and self.eval_dataset is not None
+                    and step % args.eval_steps == 0
+                ):
+                    self._log_eval(writer, step)
+        return logged
+
+    def _log(self, rows, writer, step, gen: Generation) -> dict:
+        logs = {k: v for k, v in average_metrics(rows).items()}
+        logs["num_tokens"] = float(self.num_tokens)
+        logs["epoch"] = float(self.sampler.epoch)
+        record = {"step": step, **logs}
+        writer.write(record)
+        self.log_history.append(record)
+        self._callback("on_log", record)
+        if self.args.log_completions:
+            print_completions(*gen.table, step=step, limit=self.args.num_completions_to_print)
+        return logs
+
+    def _log_eval(self, writer, step):
+        metrics = self.evaluate()
+        record = {"step": step, **metrics}
+        writer.write(record)
+        self.log_history.append(record)
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
+        """Mean reward per function on the eval set (``eval_rewards/<fn>/mean``, ``eval_reward``).
+
+        Every eval prompt is used once, in order, with ``num_generations_eval`` (default
+        ``num_generations``) completions each, sampled from a fixed key so evaluations at
+        different steps are comparable and the training RNG is untouched.
+        """
+        dataset = self.eval_dataset if eval_dataset is None else load_prompts(eval_dataset)
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (here or in the constructor)")
+        G = self.args.num_generations_eval or self.args.num_generations
+        B = max(1, self.args.per_device_eval_batch_size // G)
+        sampling = attrs.evolve(self.sampling, group_size=G)
+        advantages = make_advantages(
+            group_size=G,
+            scale=self.args.scale_rewards,
+            aggregation=self.args.multi_objective_aggregation,
+        )
+        key = mx.random.key(self.args.seed + 1)
+        extra = [c for c in (column_names(dataset) or []) if c != "prompt"]
+        per_chunk: list[dict] = []
+        rows = list(dataset)
+        for start in range(0, len(rows), B):
+            chunk = rows[start : start + B]
+            ids = [self.encoder(r["prompt"], row=start + i) for i, r in enumerate(chunk)]
+            keep = [i for i, x in enumerate(ids) if x is not None]
+            if not keep:
+                continue
+            key, sub = mx.random.split(key)
+            roll = rollout(
+                self.state.params, sub, [ids[i] for i in keep], model=self.model, sampling=sampling
+            )
+            prompts = [chunk[i]["prompt"] for i in keep for _ in range(G)]
+            columns = {c: [chunk[i].get(c) for i in keep for _ in range(G)] for c in extra}
+            completion_ids, texts = self._decode(roll)
+            scores = score(prompts, texts, completion_ids, self.reward_funcs, columns=columns)
+            adv = advantages(scores.rewards_per_func, self.reward_weights)
+            m = reward_metrics(
+                scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
+            )
+            per_chunk.append({k: v for k, v in m.items() if k.endswith("/mean") or k == "reward"})
+        out = {f"eval_{k}": v for k, v in average_metrics(per_chunk).items()}
+        self._callback("on_evaluate", out)
+        return out
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def _adapter_config(self) -> dict:
+        if self.policy.adapter_config is not None:
+            return self.policy.adapter_config
+        return ckpt.full_adapter_config(len(self.model.layers), base=self.base)
+
+    def _trainer_state(self) -> dict:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "num_tokens": self.num_tokens,
+            "max_steps": self.max_steps,
+            "config": self.args.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write ``output_dir/checkpoint-{step}`` atomically; rotate by ``save_total_limit``."""
+        path = Path(self.args.output_dir) / f"checkpoint-{self.global_step}"
+        ckpt.save_checkpoint(
+            path,
+            self.state,
+            adapter_config=self._adapter_config(),
+            trainer_state=self._trainer_state(),
+        )
+        ckpt.rotate_checkpoints(self.args.output_dir, keep=self.args.save_total_limit)
+        self._callback("on_save", path)
+        return path
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Save the trained weights in mlx-lm's adapter format (``adapters.safetensors`` +
+        ``adapter_config.json``), loadable by ``mlx_lm.load(base, adapter_path=output_dir)``.
+        For a full fine-tune the file holds every weight (``fine_tune_type="full"``)."""
+        out = Path(output_dir or self.args.output_dir)
+        ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
+        return out
+
+    def _resume(self, resume_from_checkpoint: str | bool) -> None:
+        path = (
+            ckpt.latest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is True
+            else Path(resume_from_checkpoint)
+        )
+        state, meta = ckpt.load_checkpoint(path, self.state)
+        self.sampler.load_state_dict(meta["sampler"])
+        self.num_tokens = int(meta.get("num_tokens", 0))
+        self.state = state
+        self.model.update(state.params)

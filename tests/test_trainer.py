@@ -1,0 +1,281 @@
+"""GRPOTrainer end to end on the tiny seeded model: learning, resume, LoRA, full fine-tune."""
+
+import math
+
+import grpo  # noqa: F401
+import attrs
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from grpo.config import GRPOConfig
+from grpo.core.rollout import Rollout
+from grpo.io.checkpoint import CheckpointError
+from grpo.io.logging import read_metrics
+from grpo.io.model import is_quantized, quantize
+from grpo.trainer import GRPOTrainer
+
+TOKENS = mx.array([[5, 40, 41, 77, 12, 9, 30, 31]])
+PROMPTS = [{"prompt": p} for p in ["a", "b", "cd", "efg", "hi", "jk", "lmn", "op"]]
+TRL_METRICS = (
+    "loss",
+    "reward",
+    "reward_std",
+    "rewards/sevens/mean",
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "num_tokens",
+    "learning_rate",
+    "grad_norm",
+    "step_time",
+    "tokens_per_second",
+)
+
+
+def sevens(completions, **kwargs):
+    """Toy verifiable reward: fraction of completion characters that are '7'."""
+    return [sum(ch == "7" for ch in text) / max(len(text), 1) for text in completions]
+
+
+def lowercase(completions, **kwargs):
+    """A dense reward (about a fifth of random characters qualify), so every group varies."""
+    return [sum(ch.islower() for ch in text) / max(len(text), 1) for text in completions]
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_steps=30,
+        num_generations=8,
+        per_device_train_batch_size=16,
+        max_completion_length=4,
+        max_prompt_length=16,
+        logging_steps=1,
+        save_steps=1000,
+        lora_rank=16,
+        lora_alpha=64,
+        beta=0.01,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return GRPOConfig(**{**base, **kw})
+
+
+def _flat(tree):
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def _logits(model, params=None):
+    if params is not None:
+        model.update(params)
+    return np.array(model(TOKENS))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn")
+    trainer = GRPOTrainer(str(tiny_model_dir), sevens, args=_args(out), train_dataset=PROMPTS)
+    trainer.train()
+    return trainer, out
+
+
+def test_learns_toy_task_with_finite_metrics(trained):
+    trainer, out = trained
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 31))
+    for name in TRL_METRICS:
+        assert name in records[-1], name
+    for r in records:
+        for k, v in r.items():
+            assert v is not None and math.isfinite(v), (r["step"], k, v)
+        assert r["kl"] >= 0
+    rewards = [r["reward"] for r in records]
+    early, late = np.mean(rewards[:5]), np.mean(rewards[-10:])
+    # A random 128-token model emits '7' about 1/128 of the time. (With LoRA on this model the
+    # frozen tied embeddings cap p('7') near 0.15, so the reachable margin is ~0.1.)
+    assert early < 0.05
+    assert late > early + 0.05, (early, late, rewards)
+    assert records[-1]["num_tokens"] > records[0]["num_tokens"] > 0
+    assert (out / "checkpoint-30").is_dir()  # the final checkpoint
+
+
+def test_lora_reference_is_base_and_saved_adapters_reload(trained, tiny_model_dir, tmp_path):
+    trainer, _ = trained
+    base, _ = mlx_lm.load(str(tiny_model_dir))
+    base_logits = _logits(base)
+    policy_logits = _logits(trainer.model, trainer.state.params)
+    ref_logits = _logits(trainer.model, trainer.policy.ref_params)
+    np.testing.assert_array_equal(ref_logits, base_logits)  # adapters off == base, exactly
+    assert np.abs(policy_logits - base_logits).max() > 1e-3  # training moved the policy
+    trainable = _flat(trainer.state.params)
+    assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
+
+    saved = trainer.save_model(tmp_path / "final")
+    reloaded, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(saved))
+    np.testing.assert_allclose(_logits(reloaded), policy_logits, rtol=1e-5, atol=1e-5)
+    from_ckpt, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(trained[1] / "checkpoint-30"))
+    np.testing.assert_allclose(_logits(from_ckpt), policy_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_reports_mean_reward_per_function(trained):
+    trainer, _ = trained
+    metrics = trainer.evaluate(PROMPTS[:4])
+    assert set(metrics) == {"eval_rewards/sevens/mean", "eval_reward"}
+    assert 0.0 <= metrics["eval_rewards/sevens/mean"] <= 1.0
+    assert metrics["eval_reward"] == pytest.approx(metrics["eval_rewards/sevens/mean"])
+
+
+class _StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, trainer, path):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resume_replays_the_identical_trajectory(tiny_model_dir, tmp_path):
+    kw = dict(
+        max_steps=6,
+        save_steps=3,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        num_iterations=3,
+        learning_rate=5e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+    )
+    straight = GRPOTrainer(
+        str(tiny_model_dir), sevens, args=_args(tmp_path / "a", **kw), train_dataset=PROMPTS
+    )
+    straight.train()
+
+    first = GRPOTrainer(
+        str(tiny_model_dir),
+        sevens,
+        args=_args(tmp_path / "b", **kw),
+        train_dataset=PROMPTS,
+        callbacks=[_StopAt(3)],
+    )
+    first.train()
+    assert first.global_step == 3
+    resumed = GRPOTrainer(
+        str(tiny_model_dir), sevens, args=_args(tmp_path / "b", **kw), train_dataset=PROMPTS
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    assert resumed.global_step == 6
+
+    want, got = _flat(straight.state.params), _flat(resumed.state.params)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for k, v in _flat(straight.state.opt_state).items():
+        np.testing.assert_array_equal(_flat(resumed.state.opt_state)[k], v, err_msg=k)
+    a = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r["reward"] for r in b] == [r["reward"] for r in a]
+
+
+def test_resume_from_missing_checkpoint_is_an_error(tiny_model_dir, tmp_path):
+    trainer = GRPOTrainer(
+        str(tiny_model_dir), sevens, args=_args(tmp_path, max_steps=1), train_dataset=PROMPTS
+    )
+    with pytest.raises(CheckpointError, match="not found"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_full_finetune_keeps_a_frozen_reference(tiny_model_dir, tmp_path):
+    args = _args(tmp_path, use_lora=False, beta=0.1, max_steps=3, learning_rate=1e-3)
+    trainer = GRPOTrainer(str(tiny_model_dir), lowercase, args=args, train_dataset=PROMPTS)
+    ref_before = _logits(trainer.model, trainer.policy.ref_params)
+    policy_before = _logits(trainer.model, trainer.state.params)
+    np.testing.assert_array_equal(ref_before, policy_before)
+    trainer.train()
+    ref_after = _logits(trainer.model, trainer.policy.ref_params)
+    policy_after = _logits(trainer.model, trainer.state.params)
+    np.testing.assert_array_equal(ref_after, ref_before)  # the reference never moves
+    assert np.abs(policy_after - policy_before).max() > 1e-4  # the policy does
+    assert len(_flat(trainer.state.params)) == len(tree_flatten(trainer.model.parameters()))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["kl"] >= 0 and math.isfinite(r["kl"]) for r in records)
+    assert records[-1]["kl"] > 0
+
+
+def test_qlora_trains_adapters_on_a_quantized_base(tiny_model_dir, tmp_path):
+    args = _args(tmp_path, quantize_bits=4, quantize_group_size=32, beta=0.1, max_steps=2)
+    trainer = GRPOTrainer(str(tiny_model_dir), lowercase, args=args, train_dataset=PROMPTS)
+    base, _ = mlx_lm.load(str(tiny_model_dir))
+    quantize(base, bits=4, group_size=32)
+    trainer.train()
+    assert is_quantized(trainer.model)
+    assert all(k.endswith(("lora_a", "lora_b")) for k in _flat(trainer.state.params))
+    np.testing.assert_array_equal(_logits(trainer.model, trainer.policy.ref_params), _logits(base))
+    assert np.abs(_logits(trainer.model, trainer.state.params) - _logits(base)).max() > 1e-4
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(v) for r in records for v in r.values())
+
+
+def test_beta_zero_full_finetune_has_no_reference(tiny_model_dir, tmp_path):
+    args = _args(tmp_path, use_lora=False, beta=0.0, max_steps=1)
+    trainer = GRPOTrainer(str(tiny_model_dir), sevens, args=args, train_dataset=PROMPTS)
+    assert trainer.policy.ref_params is None
+
+
+def test_mask_truncated_completions_zeroes_truncated_rows(tiny_model_dir, tmp_path):
+    args = _args(tmp_path, mask_truncated_completions=True, max_steps=1)
+    trainer = GRPOTrainer(str(tiny_model_dir), sevens, args=args, train_dataset=PROMPTS)
+    N, T = 16, 4
+    mask = mx.ones((N, T))
+    truncated = mx.array(np.arange(N) % 3 == 0)
+    roll = Rollout(
+        prompt_ids=mx.full((N, 2), 5, mx.int32),
+        prompt_lengths=mx.full((N,), 2, mx.int32),
+        completion_ids=mx.full((N, T), 7, mx.int32),
+        logprobs=mx.zeros((N, T)),
+        completion_mask=mask,
+        is_truncated=truncated,
+        completion_lengths=mx.full((N,), T, mx.int32),
+    )
+    batch = trainer._loss_batch(roll, mx.zeros((N,)))
+    got = np.array(batch.completion_mask)
+    np.testing.assert_array_equal(got[np.array(truncated)], 0.0)
+    np.testing.assert_array_equal(got[~np.array(truncated)], 1.0)
+    off = GRPOTrainer(
+        str(tiny_model_dir),
+        sevens,
+        args=attrs.evolve(args, mask_truncated_completions=False),
+        train_dataset=PROMPTS,
+    )
+    np.testing.assert_array_equal(
+        np.array(off._loss_batch(roll, mx.zeros((N,))).completion_mask), 1.0
+    )
+
+
+def test_constructor_errors(tiny_model_dir, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="reward weights"):
+        GRPOTrainer(
+            str(tiny_model_dir),
+            sevens,
+            args=_args(tmp_path, reward_weights=[1.0, 2.0]),
+            train_dataset=PROMPTS,
+        )
+    with pytest.raises(ValueError, match="processing_class"):
+        GRPOTrainer(tiny_model[0], sevens, args=_args(tmp_path), train_dataset=PROMPTS)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        GRPOTrainer(str(tiny_model_dir), sevens, args=_args(f), train_dataset=PROMPTS)
