@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from grpo.config import GRPOConfig
+from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch, pack
 from grpo.core.loss import completion_logprobs, grpo_loss
@@ -45,6 +46,7 @@ from grpo.io.data import (
     decode_completions,
     load_prompts,
 )
+from grpo.io.dist import barrier, gather_json, is_main_process, main_only
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
 from grpo.rewards import resolve_reward_funcs
@@ -143,6 +145,10 @@ class GRPOTrainer:
             ``on_save(trainer, path)``, ``on_evaluate(trainer, metrics)``,
             ``on_train_end(trainer)`` (not transformers ``TrainerCallback`` objects). Setting
             ``trainer.should_stop = True`` ends training at the next generation boundary.
+        group: ``mx.distributed`` group for data parallelism (``None``: one process, e.g.
+            from :func:`grpo.io.dist.init_distributed`). Each rank samples its own prompt
+            shard with its own key; gradients are averaged in the step, logged metrics are
+            all-reduced, and only rank 0 writes logs and checkpoints.
     """
 
     def __init__(
@@ -154,8 +160,11 @@ class GRPOTrainer:
         eval_dataset: Any = None,
         processing_class: Any = None,
         callbacks: Sequence[Any] | None = None,
+        *,
+        group: Any = None,
     ):
         self.args = args = GRPOConfig() if args is None else args
+        self.group = group
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
         if train_dataset is None:
@@ -182,8 +191,12 @@ class GRPOTrainer:
             seed=args.seed,
             shuffle=args.shuffle_dataset,
             encoder=self.encoder,
+            rank=D.rank(group),
+            world_size=D.world_size(group),
         )
+        # Same adapter init on every rank; rollouts draw from a per-rank key.
         key_model, key_run = mx.random.split(mx.random.key(args.seed))
+        key_run = D.rank_key(key_run, rank=D.rank(group))
         self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
         self.max_steps = self._total_steps()
         self.optimizer = make_optimizer(args, total_steps=self.max_steps)
@@ -242,11 +255,18 @@ class GRPOTrainer:
 
     def _build_step(self):
         if self.args.lora_dropout == 0:
-            return make_train_step(self.model, self.optimizer, self._loss_fn, cfg=self.args)
+            return make_train_step(
+                self.model, self.optimizer, self._loss_fn, cfg=self.args, group=self.group
+            )
         # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
         # state (the mlx-lm idiom); this keeps the masks fresh at every step.
         step = make_train_step(
-            self.model, self.optimizer, self._loss_fn, cfg=self.args, compile=False
+            self.model,
+            self.optimizer,
+            self._loss_fn,
+            cfg=self.args,
+            group=self.group,
+            compile=False,
         )
         return mx.compile(step, inputs=[mx.random.state], outputs=[mx.random.state])
 
@@ -402,11 +422,15 @@ class GRPOTrainer:
                 :class:`grpo.io.checkpoint.CheckpointError` (never a silent fresh start).
         """
         args = self.args
-        writer = MetricsWriter(args.output_dir)
+        writer = main_only(self.group, MetricsWriter, args.output_dir)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             writer.truncate_after(self.global_step)
-        progress = Progress(self.max_steps, initial=self.global_step, enabled=not args.disable_tqdm)
+        progress = Progress(
+            self.max_steps,
+            initial=self.global_step,
+            enabled=not args.disable_tqdm and is_main_process(self.group),
+        )
         self.should_stop = False
         self._callback("on_train_begin")
         window_rows: list[dict] = []
@@ -463,16 +487,25 @@ class GRPOTrainer:
         return logged
 
     def _log(self, rows, writer, step, gen: Generation) -> dict:
-        logs = {k: v for k, v in average_metrics(rows).items()}
-        logs["num_tokens"] = float(self.num_tokens)
+        logs = self._all_reduce(average_metrics(rows))
+        logs["num_tokens"] = D.all_sum(mx.array(float(self.num_tokens)), group=self.group).item()
         logs["epoch"] = float(self.sampler.epoch)
         record = {"step": step, **logs}
         writer.write(record)
         self.log_history.append(record)
         self._callback("on_log", record)
-        if self.args.log_completions:
+        if self.args.log_completions and is_main_process(self.group):
             print_completions(*gen.table, step=step, limit=self.args.num_completions_to_print)
         return logs
+
+    def _all_reduce(self, logs: dict) -> dict:
+        if not D.is_distributed(self.group):
+            return logs
+        local = {
+            k: mx.array(math.nan if v is None else v, dtype=mx.float32) for k, v in logs.items()
+        }
+        out = {k: v.item() for k, v in D.reduce_metrics(local, group=self.group).items()}
+        return {k: (None if math.isnan(v) else v) for k, v in out.items()}
 
     def _log_eval(self, writer, step):
         metrics = self.evaluate()
@@ -535,8 +568,12 @@ class GRPOTrainer:
         return ckpt.full_adapter_config(len(self.model.layers), base=self.base)
 
     def _trainer_state(self) -> dict:
+        # Every rank's sampler position (a collective: all ranks call this), so each shard
+        # resumes where it stopped.
         return {
             "sampler": self.sampler.state_dict(),
+            "samplers": gather_json(self.sampler.state_dict(), group=self.group),
+            "keys": gather_json(self.state.key.tolist(), group=self.group),
             "num_tokens": self.num_tokens,
             "max_steps": self.max_steps,
             "config": self.args.to_dict(),
@@ -545,13 +582,13 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path:
         """Write ``output_dir/checkpoint-{step}`` atomically; rotate by ``save_total_limit``."""
         path = Path(self.args.output_dir) / f"checkpoint-{self.global_step}"
-        ckpt.save_checkpoint(
-            path,
-            self.state,
-            adapter_config=self._adapter_config(),
-            trainer_state=self._trainer_state(),
-        )
-        ckpt.rotate_checkpoints(self.args.output_dir, keep=self.args.save_total_limit)
+        trainer_state = self._trainer_state()
+        if is_main_process(self.group):
+            ckpt.save_checkpoint(
+                path, self.state, adapter_config=self._adapter_config(), trainer_state=trainer_state
+            )
+            ckpt.rotate_checkpoints(self.args.output_dir, keep=self.args.save_total_limit)
+        barrier(self.group)
         self._callback("on_save", path)
         return path
 
@@ -570,7 +607,16 @@ class GRPOTrainer:
             else Path(resume_from_checkpoint)
         )
         state, meta = ckpt.load_checkpoint(path, self.state)
-        self.sampler.load_state_dict(meta["sampler"])
+        samplers = meta.get("samplers") or [meta["sampler"]]
+        if len(samplers) != D.world_size(self.group):
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was written by {len(samplers)} rank(s); resume it with the "
+                f"same number, not {D.world_size(self.group)}"
+            )
+        self.sampler.load_state_dict(samplers[D.rank(self.group)])
+        keys = meta.get("keys")
+        if keys:  # each rank continues its own RNG stream
+            state = state._replace(key=mx.array(keys[D.rank(self.group)], dtype=mx.uint32))
         self.num_tokens = int(meta.get("num_tokens", 0))
         self.state = state
         self.model.update(state.params)
