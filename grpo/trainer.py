@@ -35,7 +35,13 @@ from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch, pack
 from grpo.core.loss import completion_logprobs, grpo_loss
 from grpo.core.rollout import Rollout, rollout
-from grpo.core.score import RewardContext, reward_metrics, reward_weights, score
+from grpo.core.score import (
+    RewardContext,
+    check_reward_fns,
+    reward_metrics,
+    reward_weights,
+    score,
+)
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import bucket_length, make_optimizer, make_train_step
 from grpo.io import checkpoint as ckpt
@@ -169,47 +175,17 @@ class GRPOTrainer:
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
+        self._check_output_dir()
         self.model, self.processing_class, self.base = self._load(model, processing_class)
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         self.reward_weights = reward_weights(args.reward_weights, len(self.reward_funcs))
         self.train_dataset = load_prompts(train_dataset)
+        check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
         self.callbacks = list(callbacks or [])
-        self._check_output_dir()
-        self.encoder = PromptEncoder(
-            self.processing_class,
-            max_completion_length=args.max_completion_length,
-            max_prompt_length=args.max_prompt_length,
-            context_length=getattr(
-                getattr(self.model, "args", None), "max_position_embeddings", None
-            ),
-        )
-        self.sampler = PromptSampler(
-            self.train_dataset,
-            batch_size=args.prompts_per_generation,
-            group_size=args.num_generations,
-            seed=args.seed,
-            shuffle=args.shuffle_dataset,
-            encoder=self.encoder,
-            rank=D.rank(group),
-            world_size=D.world_size(group),
-        )
-        # Same adapter init on every rank; rollouts draw from a per-rank key.
-        key_model, key_run = mx.random.split(mx.random.key(args.seed))
-        key_run = D.rank_key(key_run, rank=D.rank(group))
-        self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
-        self.max_steps = self._total_steps()
-        self.optimizer = make_optimizer(args, total_steps=self.max_steps)
-        self.state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
-        self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
-        self.loss_config = args.to_loss_config()
-        self._advantages = make_advantages(
-            group_size=args.num_generations,
-            scale=args.scale_rewards,
-            aggregation=args.multi_objective_aggregation,
-        )
-        self._train_step = self._build_step()
-        self._logprobs = mx.compile(self._logprobs_fn)
+        self.encoder = self._make_encoder()
+        self.sampler = self._make_sampler()
+        self._init_training()
         self.num_tokens = 0
         self.log_history: list[dict] = []
         # A callback may set this; training stops at the next generation-batch boundary
@@ -230,6 +206,46 @@ class GRPOTrainer:
                 "pass the tokenizer returned by mlx_lm.load, or pass the model path instead"
             )
         return model, processing_class, None
+
+    def _make_encoder(self) -> PromptEncoder:
+        context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
+        return PromptEncoder(
+            self.processing_class,
+            max_completion_length=self.args.max_completion_length,
+            max_prompt_length=self.args.max_prompt_length,
+            context_length=context,
+        )
+
+    def _make_sampler(self) -> PromptSampler:
+        return PromptSampler(
+            self.train_dataset,
+            batch_size=self.args.prompts_per_generation,
+            group_size=self.args.num_generations,
+            seed=self.args.seed,
+            shuffle=self.args.shuffle_dataset,
+            encoder=self.encoder,
+            rank=D.rank(self.group),
+            world_size=D.world_size(self.group),
+        )
+
+    def _init_training(self) -> None:
+        args = self.args
+        # Same adapter init on every rank; rollouts draw from a per-rank key.
+        key_model, key_run = mx.random.split(mx.random.key(args.seed))
+        key_run = D.rank_key(key_run, rank=D.rank(self.group))
+        self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
+        self.max_steps = self._total_steps()
+        self.optimizer = make_optimizer(args, total_steps=self.max_steps)
+        self.state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
+        self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
+        self.loss_config = args.to_loss_config()
+        self._advantages = make_advantages(
+            group_size=args.num_generations,
+            scale=args.scale_rewards,
+            aggregation=args.multi_objective_aggregation,
+        )
+        self._train_step = self._build_step()
+        self._logprobs = mx.compile(self._logprobs_fn)
 
     def _check_output_dir(self):
         out = Path(self.args.output_dir)
@@ -488,7 +504,7 @@ class GRPOTrainer:
 
     def _log(self, rows, writer, step, gen: Generation) -> dict:
         logs = self._all_reduce(average_metrics(rows))
-        logs["num_tokens"] = D.all_sum(mx.array(float(self.num_tokens)), group=self.group).item()
+        logs["num_tokens"] = self._total_tokens()
         logs["epoch"] = float(self.sampler.epoch)
         record = {"step": step, **logs}
         writer.write(record)
@@ -497,6 +513,11 @@ class GRPOTrainer:
         if self.args.log_completions and is_main_process(self.group):
             print_completions(*gen.table, step=step, limit=self.args.num_completions_to_print)
         return logs
+
+    def _total_tokens(self) -> float:
+        if not D.is_distributed(self.group):
+            return float(self.num_tokens)  # exact; float32 all_sum rounds past 2**24
+        return D.all_sum(mx.array(float(self.num_tokens)), group=self.group).item()
 
     def _all_reduce(self, logs: dict) -> dict:
         if not D.is_distributed(self.group):

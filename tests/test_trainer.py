@@ -275,7 +275,35 @@ def test_constructor_errors(tiny_model_dir, tiny_model, tmp_path):
         )
     with pytest.raises(ValueError, match="processing_class"):
         GRPOTrainer(tiny_model[0], sevens, args=_args(tmp_path), train_dataset=PROMPTS)
+
+    def needs_answer(completions, answer, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match="answer"):
+        GRPOTrainer(str(tiny_model_dir), needs_answer, args=_args(tmp_path), train_dataset=PROMPTS)
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         GRPOTrainer(str(tiny_model_dir), sevens, args=_args(f), train_dataset=PROMPTS)
+
+
+def test_log_completions_prints_a_table_and_callbacks_see_logs(tiny_model_dir, tmp_path, capsys):
+    seen = []
+
+    class Recorder:
+        def on_log(self, trainer, logs):
+            seen.append(logs)
+
+    args = _args(tmp_path, max_steps=1, log_completions=True, num_completions_to_print=2)
+    trainer = GRPOTrainer(
+        str(tiny_model_dir),
+        [sevens, lowercase],
+        args=args,
+        train_dataset=PROMPTS,
+        callbacks=[Recorder()],
+    )
+    trainer.train()
+    out = capsys.readouterr().out
+    assert "Step 1" in out and "Advantage" in out and "lowercase" in out
+    assert [r["step"] for r in seen] == [1]
+    assert {"rewards/sevens/mean", "rewards/lowercase/mean", "reward"} <= set(seen[0])
