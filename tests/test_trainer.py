@@ -307,3 +307,41 @@ def test_log_completions_prints_a_table_and_callbacks_see_logs(tiny_model_dir, t
     assert "Step 1" in out and "Advantage" in out and "lowercase" in out
     assert [r["step"] for r in seen] == [1]
     assert {"rewards/sevens/mean", "rewards/lowercase/mean", "reward"} <= set(seen[0])
+
+
+def test_epochs_eval_steps_and_recomputed_old_logprobs(tiny_model_dir, tmp_path):
+    """max_steps=-1 trains num_train_epochs; eval_steps logs eval rewards; with top-k sampling
+    and num_iterations=2 the old log-probs come from the model, so step 1 has ratio 1."""
+    args = _args(
+        tmp_path, max_steps=-1, num_train_epochs=1, eval_steps=2, num_iterations=2, top_k=20
+    )
+    trainer = GRPOTrainer(
+        str(tiny_model_dir), sevens, args=args, train_dataset=PROMPTS, eval_dataset=PROMPTS[:2]
+    )
+    assert trainer.max_steps == 8  # 8 prompts / 2 per generation batch * 2 iterations
+    trainer.train()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_reward" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    assert train[0]["clip_ratio/region_mean"] == 0.0
+
+
+def test_non_finite_step_stops_without_updating(tiny_model_dir, tmp_path):
+    from grpo.trainer import NonFiniteError
+
+    trainer = GRPOTrainer(str(tiny_model_dir), sevens, args=_args(tmp_path), train_dataset=PROMPTS)
+    before = _flat(trainer.state.params)
+
+    def poisoned_step(state, batch):
+        moved = state._replace(params={"junk": mx.zeros(1)}, step=state.step + 1)
+        return moved, {"loss": mx.array(float("nan")), "grad_norm": mx.array(1.0)}
+
+    trainer._train_step = poisoned_step
+    with pytest.raises(NonFiniteError, match=r"loss=nan at step 1"):
+        trainer.train()
+    after = _flat(trainer.state.params)
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert trainer.global_step == 0
