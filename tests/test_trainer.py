@@ -345,3 +345,28 @@ def test_non_finite_step_stops_without_updating(tiny_model_dir, tmp_path):
     assert after.keys() == before.keys()
     assert all(np.array_equal(after[k], before[k]) for k in before)
     assert trainer.global_step == 0
+
+
+def test_real_step_traces_once_per_bucketed_shape(tiny_model_dir, tmp_path):
+    from grpo.core.step import make_train_step
+
+    args = _args(tmp_path, max_steps=12, max_completion_length=8)
+    trainer = GRPOTrainer(str(tiny_model_dir), sevens, args=args, train_dataset=PROMPTS)
+    traces, shapes = [0], set()
+
+    def counting_loss(params, batch):
+        traces[0] += 1  # runs only while mx.compile traces
+        return trainer._loss_fn(params, batch)
+
+    compiled = make_train_step(trainer.model, trainer.optimizer, counting_loss, cfg=args)
+
+    def step(state, batch):
+        shapes.add((tuple(batch.input_ids.shape), tuple(batch.completion_ids.shape)))
+        return compiled(state, batch)
+
+    trainer._train_step = step
+    trainer.train()
+    assert trainer.global_step == 12
+    assert len(shapes) >= 2  # prompt lengths 1-3 land in different buckets
+    assert traces[0] == len(shapes)  # one trace per distinct padded shape, no retracing
+    assert all(t[1][-1] in (1, 2, 4, 8) for t in shapes)  # completion lengths are bucketed
