@@ -11,7 +11,7 @@ from grpo.config import GRPOConfig
 TRL_CONFIG = Path("/work/ref/trl116/trl/trainer/grpo_config.py")
 
 # Our defaults that intentionally differ from TRL (documented in GRPOConfig's docstring).
-DIFFERENT_FROM_TRL = {"pad_to_multiple_of", "output_dir", "shuffle_dataset"}
+DIFFERENT_FROM_TRL = {"pad_to_multiple_of", "output_dir"}
 
 
 def _trl_defaults() -> dict:
@@ -68,7 +68,7 @@ def test_training_argument_defaults_match_transformers():
 
 def test_docstring_lists_every_deliberate_difference():
     doc = GRPOConfig.__doc__
-    for name in DIFFERENT_FROM_TRL - {"shuffle_dataset"}:
+    for name in DIFFERENT_FROM_TRL:
         assert name in doc
     for name in ("use_lora", "lora_dropout", "max_prompt_length", "steps_per_generation"):
         assert name in doc
