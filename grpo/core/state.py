@@ -42,10 +42,3 @@ def init_state(params: Any, optimizer, *, key: mx.array) -> TrainState:
     optimizer.init(params)
     opt_state = tree_map(lambda x: x, optimizer.state)
     return TrainState(params=params, opt_state=opt_state, key=key, step=mx.array(0, mx.int32))
-
-
-def state_arrays(state: TrainState) -> list[mx.array]:
-    """Every leaf array of ``state`` (for ``mx.eval``)."""
-    from mlx.utils import tree_flatten
-
-    return [v for _, v in tree_flatten(list(state))]
