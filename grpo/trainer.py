@@ -19,6 +19,7 @@ multiple of ``save_steps``, and at the end), so resuming replays the identical t
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -52,10 +53,28 @@ from grpo.io.data import (
     decode_completions,
     load_prompts,
 )
-from grpo.io.dist import barrier, gather_json, is_main_process, main_only
+from grpo.io.dist import (
+    assert_in_sync,
+    barrier,
+    fail_fast,
+    gather_json,
+    init_distributed,
+    is_main_process,
+    main_only,
+)
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
 from grpo.rewards import resolve_reward_funcs
+
+# Data parallelism under mlx.launch (docs/distributed.md) needs group-aware batch statistics
+# in the advantages; this flag says whether this build has them.
+DATA_PARALLEL = "group" in inspect.signature(make_advantages).parameters
+# Present only when a rank has terminated completions; NaN elsewhere when all-reducing.
+_OPTIONAL_METRICS = (
+    "completions/mean_terminated_length",
+    "completions/min_terminated_length",
+    "completions/max_terminated_length",
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -151,10 +170,11 @@ class GRPOTrainer:
             ``on_save(trainer, path)``, ``on_evaluate(trainer, metrics)``,
             ``on_train_end(trainer)`` (not transformers ``TrainerCallback`` objects). Setting
             ``trainer.should_stop = True`` ends training at the next generation boundary.
-        group: ``mx.distributed`` group for data parallelism (``None``: one process, e.g.
-            from :func:`grpo.io.dist.init_distributed`). Each rank samples its own prompt
-            shard with its own key; gradients are averaged in the step, logged metrics are
-            all-reduced, and only rank 0 writes logs and checkpoints.
+        group: ``mx.distributed`` group for data parallelism; ``"auto"`` (default) joins the
+            job ``mlx.launch`` started (:func:`grpo.io.dist.init_distributed`), ``None``
+            forces one process. Each rank samples its own prompt shard with its own fold of
+            the shared key; gradients are averaged in the step, metrics all-reduced, and only
+            rank 0 writes logs and checkpoints (docs/distributed.md).
     """
 
     def __init__(
@@ -167,10 +187,9 @@ class GRPOTrainer:
         processing_class: Any = None,
         callbacks: Sequence[Any] | None = None,
         *,
-        group: Any = None,
+        group: Any = "auto",
     ):
         self.args = args = GRPOConfig() if args is None else args
-        self.group = group
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
         if train_dataset is None:
@@ -183,6 +202,7 @@ class GRPOTrainer:
         check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
         self.callbacks = list(callbacks or [])
+        self._join(group)
         self.encoder = self._make_encoder()
         self.sampler = self._make_sampler()
         self._init_training()
@@ -207,6 +227,15 @@ class GRPOTrainer:
             )
         return model, processing_class, None
 
+    def _join(self, group: Any) -> None:
+        self.group = init_distributed() if group == "auto" else group
+        self.rank, self.world_size = D.rank(self.group), D.world_size(self.group)
+        if D.is_distributed(self.group) and not DATA_PARALLEL:
+            raise RuntimeError(
+                "data-parallel training needs grpo.core.advantages.make_advantages(group=...), "
+                "which this build lacks"
+            )
+
     def _make_encoder(self) -> PromptEncoder:
         context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
         return PromptEncoder(
@@ -224,28 +253,34 @@ class GRPOTrainer:
             seed=self.args.seed,
             shuffle=self.args.shuffle_dataset,
             encoder=self.encoder,
-            rank=D.rank(self.group),
-            world_size=D.world_size(self.group),
+            rank=self.rank,
+            world_size=self.world_size,
         )
 
     def _init_training(self) -> None:
         args = self.args
-        # Same adapter init on every rank; rollouts draw from a per-rank key.
+        # Every rank holds the same key (so one checkpointed key serves all); rollouts draw
+        # from a per-rank fold of it (_generate).
         key_model, key_run = mx.random.split(mx.random.key(args.seed))
-        key_run = D.rank_key(key_run, rank=D.rank(self.group))
         self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
+        assert_in_sync(self.policy.params, group=self.group, what="initial parameters")
         self.max_steps = self._total_steps()
         self.optimizer = make_optimizer(args, total_steps=self.max_steps)
         self.state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
         self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
         self.loss_config = args.to_loss_config()
-        self._advantages = make_advantages(
-            group_size=args.num_generations,
-            scale=args.scale_rewards,
-            aggregation=args.multi_objective_aggregation,
-        )
+        self._advantages = self._make_advantages(args.num_generations)
         self._train_step = self._build_step()
         self._logprobs = mx.compile(self._logprobs_fn)
+
+    def _make_advantages(self, group_size: int):
+        kwargs = {"group": self.group} if DATA_PARALLEL else {}
+        return make_advantages(
+            group_size=group_size,
+            scale=self.args.scale_rewards,
+            aggregation=self.args.multi_objective_aggregation,
+            **kwargs,
+        )
 
     def _check_output_dir(self):
         out = Path(self.args.output_dir)
@@ -386,6 +421,7 @@ class GRPOTrainer:
 
     def _generate(self, key: mx.array) -> Generation:
         prompts = next(self.sampler)
+        key = D.rank_key(key, rank=self.rank)
         roll = rollout(
             self.state.params, key, prompts.prompt_ids, model=self.model, sampling=self.sampling
         )
@@ -393,9 +429,12 @@ class GRPOTrainer:
             prompts.prompts, roll, prompts.columns, step=self.global_step
         )
         metrics.update(_completion_metrics(roll))
+        metrics = self._all_reduce(metrics)
         roll = self._pad(roll)
         batch = self._loss_batch(roll, adv.advantages)
         tokens = int(np.array(roll.prompt_lengths).sum() + np.array(roll.completion_lengths).sum())
+        if D.is_distributed(self.group):
+            tokens = int(D.all_sum(mx.array(tokens), group=self.group).item())
         windows = _windows(
             batch,
             micro=self.args.per_device_train_batch_size,
@@ -408,6 +447,7 @@ class GRPOTrainer:
     def _step(self, window: LossBatch) -> dict[str, float]:
         self.model.train()
         state, metrics = self._train_step(self.state, window)
+        metrics = D.reduce_metrics(metrics, group=self.group)
         mx.eval(state, metrics)
         values = {k: float(v.item()) for k, v in metrics.items()}
         step = self.global_step + 1
@@ -453,22 +493,25 @@ class GRPOTrainer:
         last: dict[str, float] = {}
         saved_at = self.global_step
         self._clock = time.perf_counter()
-        try:
-            while self.global_step < self.max_steps:
-                key, sub = mx.random.split(self.state.key)
-                self.state = self.state._replace(key=key)
-                gen = self._generate(sub)
-                self.num_tokens += gen.num_tokens
-                last = self._run_generation(gen, window_rows, writer, progress) or last
-                if self.global_step // args.save_steps > saved_at // args.save_steps:
+        # A rank that raises (a reward function, a bad row) ends the whole job at once
+        # instead of leaving its peers blocked in a collective.
+        with fail_fast(self.group):
+            try:
+                while self.global_step < self.max_steps:
+                    key, sub = mx.random.split(self.state.key)
+                    self.state = self.state._replace(key=key)
+                    gen = self._generate(sub)
+                    self.num_tokens += gen.num_tokens
+                    last = self._run_generation(gen, window_rows, writer, progress) or last
+                    if self.global_step // args.save_steps > saved_at // args.save_steps:
+                        self.save_checkpoint()
+                        saved_at = self.global_step
+                    if self.should_stop:
+                        break
+                if saved_at != self.global_step:
                     self.save_checkpoint()
-                    saved_at = self.global_step
-                if self.should_stop:
-                    break
-            if saved_at != self.global_step:
-                self.save_checkpoint()
-        finally:
-            progress.close()
+            finally:
+                progress.close()
         self._callback("on_train_end")
         return last
 
@@ -503,8 +546,8 @@ class GRPOTrainer:
         return logged
 
     def _log(self, rows, writer, step, gen: Generation) -> dict:
-        logs = self._all_reduce(average_metrics(rows))
-        logs["num_tokens"] = self._total_tokens()
+        logs = average_metrics(rows)
+        logs["num_tokens"] = float(self.num_tokens)
         logs["epoch"] = float(self.sampler.epoch)
         record = {"step": step, **logs}
         writer.write(record)
@@ -514,19 +557,13 @@ class GRPOTrainer:
             print_completions(*gen.table, step=step, limit=self.args.num_completions_to_print)
         return logs
 
-    def _total_tokens(self) -> float:
+    def _all_reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics over all ranks (means; max/min by name); optional ones missing = NaN."""
         if not D.is_distributed(self.group):
-            return float(self.num_tokens)  # exact; float32 all_sum rounds past 2**24
-        return D.all_sum(mx.array(float(self.num_tokens)), group=self.group).item()
-
-    def _all_reduce(self, logs: dict) -> dict:
-        if not D.is_distributed(self.group):
-            return logs
-        local = {
-            k: mx.array(math.nan if v is None else v, dtype=mx.float32) for k, v in logs.items()
-        }
-        out = {k: v.item() for k, v in D.reduce_metrics(local, group=self.group).items()}
-        return {k: (None if math.isnan(v) else v) for k, v in out.items()}
+            return metrics
+        full = {**{k: math.nan for k in _OPTIONAL_METRICS}, **metrics}
+        out = {k: float(v.item()) for k, v in D.reduce_metrics(full, group=self.group).items()}
+        return {k: v for k, v in out.items() if k not in _OPTIONAL_METRICS or math.isfinite(v)}
 
     def _log_eval(self, writer, step):
         metrics = self.evaluate()
@@ -593,8 +630,7 @@ class GRPOTrainer:
         # resumes where it stopped.
         return {
             "sampler": self.sampler.state_dict(),
-            "samplers": gather_json(self.sampler.state_dict(), group=self.group),
-            "keys": gather_json(self.state.key.tolist(), group=self.group),
+            "sampler_per_rank": gather_json(self.sampler.state_dict(), group=self.group),
             "num_tokens": self.num_tokens,
             "max_steps": self.max_steps,
             "config": self.args.to_dict(),
@@ -618,7 +654,8 @@ class GRPOTrainer:
         ``adapter_config.json``), loadable by ``mlx_lm.load(base, adapter_path=output_dir)``.
         For a full fine-tune the file holds every weight (``fine_tune_type="full"``)."""
         out = Path(output_dir or self.args.output_dir)
-        ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
+        if is_main_process(self.group):
+            ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
         return out
 
     def _resume(self, resume_from_checkpoint: str | bool) -> None:
@@ -628,16 +665,13 @@ class GRPOTrainer:
             else Path(resume_from_checkpoint)
         )
         state, meta = ckpt.load_checkpoint(path, self.state)
-        samplers = meta.get("samplers") or [meta["sampler"]]
-        if len(samplers) != D.world_size(self.group):
+        per_rank = meta.get("sampler_per_rank") or [meta["sampler"]]
+        if len(per_rank) != self.world_size:
             raise ckpt.CheckpointError(
-                f"checkpoint {path} was written by {len(samplers)} rank(s); resume it with the "
-                f"same number, not {D.world_size(self.group)}"
+                f"{path} was saved by {len(per_rank)} rank(s); this job has "
+                f"world_size={self.world_size}, so the prompt shards would differ"
             )
-        self.sampler.load_state_dict(samplers[D.rank(self.group)])
-        keys = meta.get("keys")
-        if keys:  # each rank continues its own RNG stream
-            state = state._replace(key=mx.array(keys[D.rank(self.group)], dtype=mx.uint32))
+        self.sampler.load_state_dict(per_rank[self.rank])
         self.num_tokens = int(meta.get("num_tokens", 0))
         self.state = state
         self.model.update(state.params)
