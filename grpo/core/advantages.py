@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
+from grpo.core import distributed as dist
 from grpo.core.numerics import nanmean, nanstd, nansum
 
 SCALES = ("group", "batch", "none")
@@ -103,9 +104,19 @@ def _group_spread(grouped: mx.array, *, eps: float):
     return std + eps, std
 
 
-def _batch_spread(grouped: mx.array, *, eps: float):
-    std = _std_or_zero(grouped, None, grouped.size)
+def _batch_spread(grouped: mx.array, *, eps: float, group=None):
+    if dist.is_distributed(group):
+        # Groups are rank-local; the batch std spans every rank's rows.
+        std = dist.nan_mean_std(grouped, group=group)[1].reshape(1, 1)
+    else:
+        std = _std_or_zero(grouped, None, grouped.size)
     return std + eps, std
+
+
+def _batch_mean_std(x: mx.array, *, group=None):
+    if dist.is_distributed(group):
+        return dist.nan_mean_std(x, group=group)
+    return nanmean(x), _std_or_zero(x, None, x.size)
 
 
 def _no_spread(grouped: mx.array, *, eps: float):
@@ -121,7 +132,7 @@ def _sum_then_normalize(rewards_per_func, weights, *, group_size: int, spread: C
     return _finish(adv, rewards, std)
 
 
-def _normalize_then_sum(rewards_per_func, weights, *, group_size: int, eps: float):
+def _normalize_then_sum(rewards_per_func, weights, *, group_size: int, eps: float, group=None):
     N, F = rewards_per_func.shape
     unscorable = _unscorable(rewards_per_func)
     grouped = rewards_per_func.astype(mx.float32).reshape(-1, group_size, F)  # [B, G, F]
@@ -131,8 +142,8 @@ def _normalize_then_sum(rewards_per_func, weights, *, group_size: int, eps: floa
     # A scorable row whose normalised terms are all NaN (a function seen once in the group has
     # NaN std) sums to 0, not NaN: TRL masks only rows whose *raw* rewards are all NaN.
     summed = _weighted_nansum(per_func.reshape(N, F), weights, unscorable)
-    std = _std_or_zero(summed, None, N)
-    adv = (summed - nanmean(summed)) / (std + eps)
+    mean, std = _batch_mean_std(summed, group=group)
+    adv = (summed - mean) / (std + eps)
     return _finish(adv, _weighted_nansum(rewards_per_func, weights, unscorable), std)
 
 
@@ -150,6 +161,7 @@ def make_advantages(
     scale: str = "group",
     aggregation: str = "sum_then_normalize",
     eps: float = EPS,
+    group: mx.distributed.Group | None = None,
 ) -> Callable[[mx.array, mx.array], Advantages]:
     """Build ``f(rewards_per_func [N, F], weights [F]) -> Advantages`` for one variant.
 
@@ -166,6 +178,10 @@ def make_advantages(
         aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"`` (TRL
             ``multi_objective_aggregation``).
         eps: added to the std before dividing (TRL: 1e-4).
+        group: ``mx.distributed`` group of data-parallel ranks (``None``: one process).
+            Each rank passes its own whole groups; the batch statistics of ``"batch"`` and
+            ``"normalize_then_sum"`` are then all-reduced, so every rank gets the
+            advantages one process holding all ranks' rows would compute.
 
     Returns:
         A pure function of arrays, safe to use under ``mx.compile``.
@@ -175,9 +191,13 @@ def make_advantages(
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got group_size={group_size!r}")
     if aggregation == "normalize_then_sum":
-        core = partial(_normalize_then_sum, group_size=group_size, eps=eps)
+        core = partial(_normalize_then_sum, group_size=group_size, eps=eps, group=group)
     else:
-        spread = {"group": _group_spread, "batch": _batch_spread, "none": _no_spread}[scale]
+        spread = {
+            "group": _group_spread,
+            "batch": partial(_batch_spread, group=group),
+            "none": _no_spread,
+        }[scale]
         core = partial(_sum_then_normalize, group_size=group_size, spread=partial(spread, eps=eps))
 
     def advantages_fn(rewards_per_func: mx.array, weights: mx.array) -> Advantages:
@@ -195,6 +215,7 @@ def advantages(
     scale: str = "group",
     aggregation: str = "sum_then_normalize",
     eps: float = EPS,
+    group: mx.distributed.Group | None = None,
 ) -> Advantages:
     """Group-relative advantages; see :func:`make_advantages` for the variants.
 
@@ -207,9 +228,12 @@ def advantages(
         scale: ``"group"``, ``"batch"`` or ``"none"``.
         aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"``.
         eps: added to the std before dividing.
+        group: data-parallel ranks whose batch statistics are shared (``None``: one process).
 
     Returns:
         ``Advantages(advantages [N], rewards [N], is_std_zero [N])``.
     """
-    fn = make_advantages(group_size=group_size, scale=scale, aggregation=aggregation, eps=eps)
+    fn = make_advantages(
+        group_size=group_size, scale=scale, aggregation=aggregation, eps=eps, group=group
+    )
     return fn(rewards_per_func, weights)
