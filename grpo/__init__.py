@@ -1,4 +1,10 @@
-"""mlx-grpo: Group Relative Policy Optimization on Apple MLX."""
+"""mlx-grpo: Group Relative Policy Optimization on Apple MLX.
+
+The public API is re-exported here (optax style) and imported lazily, so ``import grpo``
+stays cheap and loads the fast BLAS before anything imports ``mlx.core``.
+"""
+
+import importlib
 
 from grpo._blas import STATUS as _BLAS_STATUS
 from grpo._blas import load_fast_blas as _load_fast_blas
@@ -6,6 +12,52 @@ from grpo._blas import load_fast_blas as _load_fast_blas
 _load_fast_blas()  # must run before the first `import mlx.core`
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "grpo.core.numerics": ["safe_div", "masked_mean", "masked_sum", "nanmean", "nanstd"],
+    "grpo.core.logprobs": ["token_logprobs", "token_logprobs_and_entropy"],
+    "grpo.core.advantages": ["advantages", "make_advantages", "Advantages", "weighted_rewards"],
+    "grpo.core.loss": [
+        "LossConfig", "LOSS_TYPES", "kl_k3", "policy_loss", "make_policy_loss", "grpo_loss",
+        "completion_logprobs", "lora_reference_params",
+    ],
+    "grpo.core.batch": ["LossBatch", "pack"],
+    "grpo.core.sampling": ["SamplingConfig"],
+    "grpo.core.rollout": ["rollout", "Rollout", "Sampler"],
+    "grpo.core.score": [
+        "score", "Scores", "RewardContext", "RewardError", "check_reward_fns", "reward_weights",
+        "reward_metrics",
+    ],
+    "grpo.core.state": ["TrainState"],
+    "grpo.core.step": ["make_train_step", "make_optimizer", "make_schedule", "bucket_length"],
+    "grpo.rewards": [
+        "resolve_reward_funcs", "register_reward", "REWARD_FUNCS", "answer_match", "think_format",
+        "length_penalty",
+    ],
+    "grpo.io.data": [
+        "load_prompts", "PromptSampler", "PromptBatch", "PromptEncoder", "PromptTooLongError",
+        "render_prompt", "encode_prompt", "stop_token_sequences", "decode_completions",
+    ],
+    "grpo.io.model": ["load_model", "prepare_policy"],
+    "grpo.io.checkpoint": ["save_checkpoint", "load_checkpoint", "CheckpointError"],
+    "grpo.io.tiny": ["build_tiny_model"],
+    "grpo.config": ["GRPOConfig"],
+    "grpo.trainer": ["GRPOTrainer"],
+}  # fmt: skip
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE) + ["blas_info", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'grpo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
 
 
 def blas_info() -> dict:

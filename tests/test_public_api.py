@@ -1,0 +1,34 @@
+"""The public API re-exported from ``grpo`` resolves, and ``core`` stays pure."""
+
+import ast
+import pathlib
+
+import grpo
+import pytest
+
+CORE = pathlib.Path(grpo.__file__).parent / "core"
+FORBIDDEN = ("grpo.io", "grpo.trainer", "grpo.cli", "grpo.config", "rich", "datasets")
+
+
+@pytest.mark.parametrize("name", [n for n in grpo.__all__ if n != "__version__"])
+def test_every_exported_name_resolves(name):
+    assert getattr(grpo, name) is not None
+
+
+def test_unknown_attribute_raises():
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        grpo.no_such_thing  # noqa: B018
+
+
+def _imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+
+
+@pytest.mark.parametrize("path", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
+def test_core_never_imports_io_trainer_or_cli(path):
+    bad = [m for m in _imports(path) if m.startswith(FORBIDDEN)]
+    assert not bad, f"{path.name} imports {bad}"
