@@ -41,6 +41,7 @@ _EXPORTS = {
     "grpo.io.model": ["load_model", "prepare_policy"],
     "grpo.io.checkpoint": ["save_checkpoint", "load_checkpoint", "CheckpointError"],
     "grpo.io.tiny": ["build_tiny_model"],
+    "grpo.io.dist": ["init_distributed", "is_main_process", "main_only", "fail_fast"],
     "grpo.config": ["GRPOConfig"],
     "grpo.trainer": ["GRPOTrainer"],
 }  # fmt: skip
@@ -49,6 +50,8 @@ __all__ = sorted(_WHERE) + ["blas_info", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "distributed":  # the module of pure data-parallel helpers
+        return importlib.import_module("grpo.core.distributed")
     if name not in _WHERE:
         raise AttributeError(f"module 'grpo' has no attribute {name!r}")
     value = getattr(importlib.import_module(_WHERE[name]), name)
