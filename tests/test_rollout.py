@@ -321,3 +321,53 @@ def test_sample_fn_logprob_is_of_the_filtered_distribution(z, temperature, k, p,
     tokens = np.array(tokens)
     assert keep[np.arange(len(z)), tokens].all()
     np.testing.assert_allclose(np.array(logp), ref[np.arange(len(z)), tokens], atol=1e-5)
+
+
+# ---- compiled decode: finished rows dropped, no retrace after warm-up ---------------
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_finished_rows_are_dropped_without_changing_results(successor_model, temperature):
+    from grpo.core import rollout as R
+
+    prompts = [[10], [20], [30], [40]]
+    r = _run(successor_model, prompts, key=2, group_size=2, max_tokens=20, temperature=temperature,
+             eos_ids=(EOS, EOS2))  # fmt: skip
+    # after 8 steps only prompt 30's two rows are live: the batch is compacted 8 -> 2
+    assert r.completion_lengths.tolist() == [1, 1, 3, 3, 20, 20, 2, 2]
+    assert r.completion_ids[4].tolist() == [31, 30] * 10
+    assert r.completion_ids[2].tolist() == [21, 22, EOS] + [0] * 17
+    assert r.is_truncated.tolist() == [False] * 4 + [True] * 2 + [False] * 2
+    assert R.FILTER_FRACTION > 0
+
+
+def test_compaction_matches_full_batch_greedy(model_tok, prompts, monkeypatch):
+    from grpo.core import rollout as R
+
+    model, _ = model_tok
+    # EOS ids taken from two prompts' greedy completions, so rows finish at different steps
+    # and after 8 steps at most a third of the rows is live.
+    probe = _run(model, prompts, group_size=1, max_tokens=24, temperature=0.0).completion_ids.tolist()
+    eos = (probe[0][1], probe[1][0])
+    assume_never = not set(eos) & set(probe[2])
+    assert assume_never, "pick other prompts: the third row would end too"
+    kw = dict(group_size=3, max_tokens=24, temperature=0.0, eos_ids=eos)
+    compacted = _run(model, prompts, **kw)
+    monkeypatch.setattr(R, "FILTER_FRACTION", 0.0)
+    full = _run(model, prompts, **kw)
+    lengths = compacted.completion_lengths.tolist()
+    assert len(set(lengths)) == 3 and max(lengths) == 24
+    for x, y in zip(compacted, full):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
+
+
+def test_no_retrace_after_warm_up(model_tok):
+    from grpo.core import rollout as R
+
+    model, tok = model_tok
+    cfg = dict(group_size=2, max_tokens=20, eos_ids=())
+    _run(model, [tok.encode("warm up")], **cfg)
+    before = R.TRACES[0]
+    for i, text in enumerate(["x", "another prompt", "abc" * 9]):  # all within one 32-bucket
+        _run(model, [tok.encode(text)], key=i, **cfg)
+    assert R.TRACES[0] == before

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import NamedTuple, Protocol
 
 import mlx.core as mx
@@ -22,7 +23,9 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from grpo.core.sampling import SamplingConfig, make_sample_fn
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this
-CHECK_EVERY = 8  # decode steps between host checks for "all rows finished"
+KV_BUCKET = 64  # the KV buffer grows by this many columns at a time
+CHECK_EVERY = 8  # decode steps between host checks for finished rows
+FILTER_FRACTION = 0.5  # compact the batch once at most this fraction of rows is live
 
 
 class Rollout(NamedTuple):
@@ -121,12 +124,9 @@ def rollout(
         ``Rollout`` with ``N = B * G`` rows; ``T`` is the longest completion.
     """
     lengths = _check_prompts(prompts, model)
-    B, G = len(prompts), sampling.group_size
-    rows = mx.repeat(mx.arange(B), G)
     with _policy(model, params):
         cache, logits = _prefill(model, prompts, lengths)
-        _replicate(cache, rows)
-        tokens, logprobs = _decode(model, cache, logits[rows], key, prompts, sampling)
+        tokens, logprobs = _decode(model, cache, logits, key, prompts, sampling)
     return _assemble(prompts, lengths, tokens, logprobs, sampling)
 
 
@@ -174,15 +174,96 @@ def _prefill(model, prompts, lengths):
     return cache, logits
 
 
-def _replicate(cache, rows):
-    # One prefill per prompt: gather row b of every layer's cache into its G rows.
-    for c in cache:
-        c.filter(rows)
+class FixedBatchKVCache(BatchKVCache):
+    """An mlx-lm ``BatchKVCache`` over a fixed-capacity buffer written at an array position.
+
+    mlx-lm's cache slices its buffer to the current length with a Python int, so each
+    decode step has new shapes and a compiled step would retrace every token. Here the
+    buffers keep shape ``[N, H, C, D]`` and the write column ``pos`` is an array, so one
+    compiled step serves every position; columns past ``pos`` are masked out.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, left_padding: mx.array, pos: mx.array):
+        self.keys, self.values = keys, values
+        self.left_padding = left_padding
+        self.pos = pos
+        self.offset = pos - left_padding  # RoPE position of the token being written
+        self._idx = keys.shape[2]
+        self._right_padding = None
+
+    def update_and_fetch(self, keys, values):
+        start = self.pos.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        cols = mx.arange(self.keys.shape[2])
+        causal = cols[None, :] <= (self.pos + mx.arange(N))[:, None]
+        return causal & (cols >= self.left_padding[:, None, None, None])
+
+
+_STEPS: dict[int, dict] = {}  # id(model) -> {SamplingConfig: compiled step}
+TRACES = [0]  # decode-step traces so far (a test asserts no retrace after warm-up)
+
+
+class DecodeState(NamedTuple):
+    """Arrays carried from one decode step to the next (``n`` live rows, ``C`` columns)."""
+
+    tokens: mx.array  # [n] int32, last sampled token (fed next)
+    keys: list  # L x [n, H, C, D]
+    values: list  # L x [n, H, C, D]
+    left_padding: mx.array  # [n] int32
+    seen: mx.array  # [n, V] bool (repetition penalty) or [1, 1] placeholder
+    recent: mx.array  # [n, S] int32, last S sampled tokens (stop-sequence window)
+    ended: mx.array  # [n] bool
+
+
+def _compiled_step(model, sampling: SamplingConfig):
+    per_model = _STEPS.get(id(model))
+    if per_model is None:
+        per_model = _STEPS[id(model)] = {}
+        weakref.finalize(model, _STEPS.pop, id(model), None)
+    if sampling not in per_model:
+        per_model[sampling] = mx.compile(_make_step(weakref.ref(model), sampling))
+    return per_model[sampling]
+
+
+def _make_step(model_ref, sampling):
+    sample = make_sample_fn(sampling)
+
+    def step(params, state: DecodeState, pos, key):
+        TRACES[0] += 1
+        model = model_ref()
+        model.update(params)
+        cache = [FixedBatchKVCache(k, v, state.left_padding, pos) for k, v in zip(state.keys, state.values)]
+        logits = model(state.tokens[:, None], cache=cache)[:, -1, :]
+        tokens, logprobs = sample(logits, state.seen, key)
+        state = _advance(state, tokens, sampling)
+        keys, values = [c.keys for c in cache], [c.values for c in cache]
+        return state._replace(keys=keys, values=values), logprobs
+
+    return step
+
+
+def _advance(state: DecodeState, tokens: mx.array, sampling: SamplingConfig) -> DecodeState:
+    seen = state.seen
+    if sampling.repetition_penalty != 1.0:
+        seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
+    recent = mx.concatenate([state.recent[:, 1:], tokens[:, None]], axis=1)
+    ends = end_flags(recent, eos_ids=sampling.eos_ids, stop_sequences=sampling.stop_sequences)[:, -1]
+    return state._replace(tokens=tokens, seen=seen, recent=recent, ended=state.ended | ends)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_sampler(sampling: SamplingConfig):
-    return mx.compile(make_sample_fn(sampling))
+def _compiled_first(sampling: SamplingConfig):
+    sample = make_sample_fn(sampling)
+
+    def first(logits, state: DecodeState, key):
+        tokens, logprobs = sample(logits, state.seen, key)
+        return _advance(state, tokens, sampling), logprobs
+
+    return mx.compile(first)
 
 
 def _seen_tokens(prompts, G, V):
@@ -192,33 +273,108 @@ def _seen_tokens(prompts, G, V):
     return mx.array(np.repeat(seen, G, axis=0))
 
 
-def _decode(model, cache, logits, key, prompts, sampling):
-    sample = _compiled_sampler(sampling)
+def _initial_state(cache, prompts, sampling, V) -> DecodeState:
+    # Prefix sharing: gather prompt b's prefilled keys/values into its G rows.
+    G = sampling.group_size
+    rows = mx.repeat(mx.arange(len(prompts)), G)
+    P = cache[0].size()
+    S = max([len(s) for s in sampling.stop_sequences] + [1])
     penalty = sampling.repetition_penalty != 1.0
-    N, V = logits.shape
-    seen = _seen_tokens(prompts, sampling.group_size, V) if penalty else mx.zeros((1, 1), mx.bool_)
-    keys = mx.random.split(key, sampling.max_tokens)
-    stop = dict(eos_ids=sampling.eos_ids, stop_sequences=sampling.stop_sequences)
-    toks, lps = [], []
-    for t in range(sampling.max_tokens):
-        tok, lp = sample(logits, seen, keys[t])
-        toks.append(tok)
-        lps.append(lp)
-        if t + 1 == sampling.max_tokens:
-            break
-        if penalty:
-            seen = mx.put_along_axis(seen, tok[:, None], mx.array(True), axis=-1)
-        logits = model(tok[:, None], cache=cache)[:, -1, :]
-        mx.async_eval(logits, tok, lp)
-        if (t + 1) % CHECK_EVERY == 0 and _all_ended(mx.stack(toks, axis=1), stop):
-            break
-    return mx.stack(toks, axis=1), mx.stack(lps, axis=1)
+    return DecodeState(
+        tokens=mx.zeros((len(rows),), mx.int32),
+        keys=[c.keys[..., :P, :][rows] for c in cache],
+        values=[c.values[..., :P, :][rows] for c in cache],
+        left_padding=cache[0].left_padding[rows].astype(mx.int32),
+        seen=_seen_tokens(prompts, G, V) if penalty else mx.zeros((1, 1), mx.bool_),
+        recent=mx.full((len(rows), S), -1, mx.int32),
+        ended=mx.zeros((len(rows),), mx.bool_),
+    )
 
 
-def _all_ended(tokens, stop) -> bool:
-    if not stop["eos_ids"] and not stop["stop_sequences"]:
-        return False
-    return bool(mx.all(mx.any(end_flags(tokens, **stop), axis=-1)).item())
+def _grow(state: DecodeState, pos: int) -> DecodeState:
+    # Capacity grows in KV_BUCKET columns so attention cost follows the length and the
+    # compiled step sees a few recurring shapes (P and the bucket are both bucketed).
+    C = state.keys[0].shape[2]
+    if pos < C:
+        return state
+    pad = [(0, 0), (0, 0), (0, KV_BUCKET), (0, 0)]
+    return state._replace(keys=[mx.pad(k, pad) for k in state.keys], values=[mx.pad(v, pad) for v in state.values])
+
+
+def _compact(state: DecodeState, rows: np.ndarray, ended: np.ndarray):
+    # Drop finished rows once at most FILTER_FRACTION are live; keep a power-of-two row
+    # count (padded with finished rows, marked -1) so compiled shapes recur.
+    live = np.flatnonzero(~ended & (rows >= 0))
+    n = len(rows)
+    if len(live) == 0 or len(live) > FILTER_FRACTION * n:
+        return state, rows
+    size = 1 << int(np.ceil(np.log2(len(live))))
+    if size >= n:
+        return state, rows
+    dead = np.flatnonzero(ended | (rows < 0))[: size - len(live)]
+    keep = np.concatenate([live, dead])
+    new_rows = np.concatenate([rows[live], np.full(len(dead), -1)])
+    idx = mx.array(keep)
+    take = lambda x: x[idx] if x.shape[0] == n else x  # noqa: E731  ([1, 1] placeholder stays)
+    state = DecodeState(*[[take(a) for a in x] if isinstance(x, list) else take(x) for x in state])
+    return state, new_rows
+
+
+class _Segments:
+    """Host-side record of which original rows each decode step's outputs belong to."""
+
+    def __init__(self, N: int):
+        self.N, self.parts, self.steps = N, [], 0
+        self.rows, self.toks, self.lps = np.arange(N), [], []
+
+    def add(self, tokens, logprobs):
+        self.toks.append(tokens)
+        self.lps.append(logprobs)
+
+    def cut(self, new_rows):
+        if self.toks:
+            self.parts.append((self.rows, self.steps, mx.stack(self.toks, 1), mx.stack(self.lps, 1)))
+            self.steps += len(self.toks)
+        self.rows, self.toks, self.lps = new_rows, [], []
+
+    def result(self):
+        self.cut(self.rows)
+        tokens = np.zeros((self.N, self.steps), np.int32)
+        logprobs = np.zeros((self.N, self.steps), np.float32)
+        for rows, t0, tok, lp in self.parts:
+            ok = rows >= 0
+            tokens[rows[ok], t0 : t0 + tok.shape[1]] = np.array(tok)[ok]
+            logprobs[rows[ok], t0 : t0 + tok.shape[1]] = np.array(lp)[ok]
+        return mx.array(tokens), mx.array(logprobs)
+
+
+def _decode(model, cache, logits, key, prompts, sampling):
+    """Sample up to ``max_tokens`` tokens for all ``N`` rows (ids, log-probs ``[N, T]``)."""
+    G, T = sampling.group_size, sampling.max_tokens
+    rows = mx.repeat(mx.arange(len(prompts)), G)
+    state = _initial_state(cache, prompts, sampling, logits.shape[-1])
+    step_keys = mx.random.split(key, T)
+    state, lp = _compiled_first(sampling)(logits[rows], state, step_keys[0])
+    out = _Segments(len(prompts) * G)
+    out.add(state.tokens, lp)
+    params = model.parameters()  # the full tree, so nothing is baked into the compiled step
+    step = _compiled_step(model, sampling)
+    P = cache[0].size()
+    for t in range(1, T):
+        state = _grow(state, P + t - 1)
+        state, lp = step(params, state, mx.array(P + t - 1, dtype=mx.int32), step_keys[t])
+        out.add(state.tokens, lp)
+        # A blocking eval with no other reference to last step's buffers lets slice_update
+        # write the KV cache in place; async_eval here would copy every buffer every step.
+        mx.eval(state, lp)
+        if t % CHECK_EVERY == 0 and (sampling.eos_ids or sampling.stop_sequences):
+            ended = np.array(state.ended)
+            if ended[out.rows >= 0].all():
+                break
+            state, new_rows = _compact(state, out.rows, ended)
+            if new_rows is not out.rows:
+                out.cut(new_rows)
+    return out.result()
 
 
 def _assemble(prompts, lengths, tokens, logprobs, sampling):

@@ -1,0 +1,150 @@
+"""Rollout throughput: grpo's `rollout` vs mlx-lm batch generation vs mlx-lm-lora's GRPO rollout.
+
+Builds seeded models (``build_tiny_model(size="tiny" | "small")``) in a temp dir, loads them
+through ``mlx_lm.load``, and generates G = 8 completions of exactly 64 tokens (EOS ignored,
+so every engine produces the same token count) for B in {1, 4} random 128-token prompts.
+Each engine is warmed up once, then timed ``--repeats`` times, interleaved so machine load
+hits all engines alike; the median is reported as tokens/s (completion tokens / wall time,
+prefill included). Ratios per CPU-second (process CPU time, all threads) are printed too:
+on a machine shared with other jobs they are steadier than wall-clock ratios.
+
+    /work/venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3]
+
+mlx-lm-lora is optional (the ``bench`` extra); its column is skipped with a message when it
+cannot be imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import grpo  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+from grpo.core.rollout import rollout
+from grpo.core.sampling import SamplingConfig
+from grpo.io.tiny import build_tiny_model
+
+G, T, P = 8, 64, 128
+
+
+def engine_rollout(model, tokenizer, prompts, seed):
+    cfg = SamplingConfig(group_size=G, max_tokens=T, temperature=1.0, eos_ids=())
+    r = rollout(model.parameters(), mx.random.key(seed), prompts, model=model, sampling=cfg)
+    mx.eval(r)
+    assert r.completion_ids.shape == (len(prompts) * G, T)
+    return r.completion_ids.size
+
+
+def engine_mlx_lm(model, tokenizer, prompts, seed):
+    """mlx-lm's own batched generation (BatchGenerator, what batch_generate drives) of the B*G rows."""
+    rows = [p for p in prompts for _ in range(G)]
+    mx.random.seed(seed)
+    gen = BatchGenerator(model, max_tokens=T, stop_tokens=None, sampler=make_sampler(temp=1.0),
+                         completion_batch_size=len(rows), prefill_batch_size=len(rows))  # fmt: skip
+    n = 0
+    try:
+        gen.insert(rows, [T] * len(rows))
+        while responses := gen.next_generated():
+            n += len(responses)
+    finally:
+        gen.close()
+    assert n == len(rows) * T, n
+    return n
+
+
+class _NoEosTokenizer:
+    """mlx-lm-lora stops on ``tokenizer.eos_token_ids``; hide them to force full length."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.eos_token_ids = []
+
+    def encode(self, *a, **k):
+        return self._tok.encode(*a, **k)
+
+    def decode(self, *a, **k):
+        return self._tok.decode(*a, **k)
+
+
+def engine_mlx_lm_lora(model, tokenizer, prompts, seed):
+    from mlx_lm_lora.trainer.grpo_trainer import generate_grpo
+
+    mx.random.seed(seed)
+    completions, _, _ = generate_grpo(
+        model, _NoEosTokenizer(tokenizer), [mx.array(p) for p in prompts], max_tokens=T,
+        group_size=G, batch_size=len(prompts), end_token="", temperature=1.0, top_p=1.0,
+        top_k=0, min_p=0.0,
+    )  # fmt: skip
+    n = sum(c.size for c in completions)
+    assert n == len(prompts) * G * T, n
+    return n
+
+
+def lora_available() -> str | None:
+    try:
+        import mlx_lm_lora.trainer.grpo_trainer  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (any import failure means "skip")
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def bench_one(model, tokenizer, B, engines, repeats):
+    rng = np.random.default_rng(B)
+    prompts = [rng.integers(3, 97, size=P).tolist() for _ in range(B)]
+    wall = {name: [] for name in engines}
+    cpu = {name: [] for name in engines}
+    for name, fn in engines.items():
+        fn(model, tokenizer, prompts, 0)  # warm-up (compiles, allocates)
+    for rep in range(repeats):
+        for name, fn in engines.items():
+            tic, cpu_tic = time.perf_counter(), time.process_time()
+            n = fn(model, tokenizer, prompts, rep + 1)
+            wall[name].append(n / (time.perf_counter() - tic))
+            cpu[name].append(n / (time.process_time() - cpu_tic))
+    med = statistics.median
+    return {n: med(v) for n, v in wall.items()}, {n: med(v) for n, v in cpu.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    engines = {"rollout": engine_rollout, "mlx-lm": engine_mlx_lm}
+    why = lora_available()
+    if why is None:
+        engines["mlx-lm-lora"] = engine_mlx_lm_lora
+    else:
+        print(f"mlx-lm-lora skipped (install the `bench` extra): {why}")
+    print(f"G={G} T={T} P={P} blas={grpo.blas_info()['backend']} cpus={os.cpu_count()} "
+          f"load={os.getloadavg()[0]:.2f}")  # fmt: skip
+    header = ("| model | B | " + " | ".join(f"{n} tok/s" for n in engines)
+              + " | vs mlx-lm | vs mlx-lm-lora | per CPU-s: vs mlx-lm | vs mlx-lm-lora |")  # fmt: skip
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
+            model, tokenizer = mlx_lm.load(str(path))
+            for B in args.batches:
+                tps, cps = bench_one(model, tokenizer, B, engines, args.repeats)
+                ratios = [f"{d['rollout'] / d[o]:.2f}x" if o in d else "skipped"
+                          for d in (tps, cps) for o in ("mlx-lm", "mlx-lm-lora")]  # fmt: skip
+                cells = " | ".join(f"{tps[n]:.0f}" for n in engines)
+                print(f"| {size} | {B} | {cells} | {' | '.join(ratios)} |", flush=True)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
