@@ -66,6 +66,8 @@ class GRPOConfig:
           reference and policy forwards agree exactly by default.
         - ``max_prompt_length=512``: TRL 1.16 removed the field (earlier TRL: 512); prompts
           longer than this keep their last tokens (left truncation, as TRL did).
+          ``max_prompt_length=None`` truncates nothing (TRL 1.16): a prompt that does not fit
+          the model context with ``max_completion_length`` is an error before training.
         - ``pad_to_multiple_of=None`` pads prompt and completion lengths to the next power of
           two (TRL: no padding), so the compiled step sees a bounded set of shapes.
         - ``output_dir="trainer_output"`` (TRL: ``None``, which transformers maps to

@@ -251,8 +251,13 @@ def resolve_reward_funcs(spec: Callable | str | Sequence[Callable | str]) -> lis
         items: list = [s for s in spec.split(",") if s.strip()]
     elif callable(spec):
         items = [spec]
-    else:
+    elif spec is None or isinstance(spec, (list, tuple)):
         items = list(spec or [])
+    else:
+        raise TypeError(
+            f"reward_funcs must be a callable, a name or a list of those, got {spec!r} "
+            f"({type(spec).__name__}), which is not callable"
+        )
     if not items:
         raise ValueError(f"no reward functions in {spec!r}")
     return [_resolve_one(item) for item in items]

@@ -49,6 +49,8 @@ from grpo.io import checkpoint as ckpt
 from grpo.io.data import (
     PromptEncoder,
     PromptSampler,
+    PromptTooLongError,
+    check_prompts,
     column_names,
     decode_completions,
     load_prompts,
@@ -194,16 +196,18 @@ class GRPOTrainer:
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
+        # Everything checkable without the model is checked before loading it.
         self._check_output_dir()
-        self.model, self.processing_class, self.base = self._load(model, processing_class)
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         self.reward_weights = reward_weights(args.reward_weights, len(self.reward_funcs))
         self.train_dataset = load_prompts(train_dataset)
         check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
+        self.model, self.processing_class, self.base = self._load(model, processing_class)
         self.callbacks = list(callbacks or [])
         self._join(group)
         self.encoder = self._make_encoder()
+        self._check_prompts()
         self.sampler = self._make_sampler()
         self._init_training()
         self.num_tokens = 0
@@ -236,14 +240,34 @@ class GRPOTrainer:
                 "which this build lacks"
             )
 
+    @property
+    def context_length(self) -> int | None:
+        """The model's context (``max_position_embeddings``), if it declares one."""
+        return getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
+
     def _make_encoder(self) -> PromptEncoder:
-        context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
+        # max_prompt_length=None asks for no truncation (TRL 1.16), so a prompt that does not
+        # fit the context is an error, never silently cut.
         return PromptEncoder(
             self.processing_class,
             max_completion_length=self.args.max_completion_length,
             max_prompt_length=self.args.max_prompt_length,
-            context_length=context,
+            context_length=self.context_length,
+            overflow="truncate" if self.args.max_prompt_length is not None else "error",
         )
+
+    def _check_prompts(self) -> None:
+        """Every prompt non-empty and (without ``max_prompt_length``) within the context."""
+        encoder = self.encoder if self.encoder.overflow == "error" else None
+        try:
+            check_prompts(self.train_dataset, encoder=encoder)
+        except PromptTooLongError as e:
+            raise PromptTooLongError(
+                f"train_dataset: {e.args[0].split(' (min(')[0]} = the model context "
+                f"(max_position_embeddings={self.context_length}) minus "
+                f"max_completion_length={self.args.max_completion_length}; shorten the prompt, "
+                "or set max_prompt_length to keep only each prompt's last tokens"
+            ) from e
 
     def _make_sampler(self) -> PromptSampler:
         return PromptSampler(
@@ -286,6 +310,13 @@ class GRPOTrainer:
         out = Path(self.args.output_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output_dir={str(out)!r} exists and is a file, not a directory")
+        for parent in out.absolute().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(
+                        f"output_dir={str(out)!r} cannot be created: {str(parent)!r} is a file"
+                    )
+                break
 
     def _total_steps(self) -> int:
         if self.args.max_steps > 0:

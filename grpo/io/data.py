@@ -57,10 +57,10 @@ def _missing_prompt(columns: Sequence[str]) -> ValueError:
 def check_prompt_column(dataset: Any) -> None:
     """Raise if ``dataset`` visibly lacks a ``prompt`` column or has no rows."""
     columns = column_names(dataset)
+    if isinstance(dataset, (datasets.Dataset, list)) and len(dataset) == 0:
+        raise ValueError(f"the dataset is empty (0 rows; columns: {columns or []})")
     if columns is not None and PROMPT not in columns:
         raise _missing_prompt(columns)
-    if isinstance(dataset, (datasets.Dataset, list)) and len(dataset) == 0:
-        raise ValueError(f"the dataset is empty (columns: {columns or []})")
 
 
 def _load_path(path: Path, *, split: str, streaming: bool, **kwargs) -> Any:
@@ -159,6 +159,24 @@ def check_row(row: Mapping, index: int) -> None:
             f"row {index}: {PROMPT!r} must be a string or a list of {{role, content}} messages, "
             f"got {prompt!r:.80}"
         )
+
+
+def check_prompts(dataset: Any, *, encoder: Callable[..., Any] | None = None) -> None:
+    """Check every row of a map-style dataset before training (streams are checked lazily).
+
+    Each ``prompt`` must be a non-empty string or message list (:func:`check_row`); with an
+    ``encoder`` every prompt is also encoded, so an encoder with ``overflow="error"`` rejects a
+    prompt that does not fit its budget now rather than at the step that samples it.
+    """
+    if _is_stream(dataset):
+        return
+    check_prompt_column(dataset)
+    prompts = dataset[PROMPT] if isinstance(dataset, datasets.Dataset) else None
+    for index in range(len(dataset)):
+        row = {PROMPT: prompts[index]} if prompts is not None else dataset[index]
+        check_row(row, index)
+        if encoder is not None:
+            encoder(row[PROMPT], row=index)
 
 
 # --- rendering and tokenisation --------------------------------------------------------------
