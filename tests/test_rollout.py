@@ -371,3 +371,14 @@ def test_no_retrace_after_warm_up(model_tok):
     for i, text in enumerate(["x", "another prompt", "abc" * 9]):  # all within one 32-bucket
         _run(model, [tok.encode(text)], key=i, **cfg)
     assert R.TRACES[0] == before
+
+
+def test_chunked_prefill_matches_single_call(model_tok, prompts, monkeypatch):
+    from grpo.core import rollout as R
+
+    model, _ = model_tok
+    one = _run(model, prompts, key=4, group_size=2, max_tokens=10)
+    monkeypatch.setattr(R, "PREFILL_CHUNK", 5)
+    chunked = _run(model, prompts, key=4, group_size=2, max_tokens=10)
+    assert one.completion_ids.tolist() == chunked.completion_ids.tolist()
+    np.testing.assert_allclose(np.array(one.logprobs), np.array(chunked.logprobs), atol=1e-5)

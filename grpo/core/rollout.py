@@ -2,10 +2,13 @@
 
 ``rollout(params, key, prompts, *, model, sampling)`` prefills every distinct prompt
 once into mlx-lm ``BatchKVCache`` objects (left-padded, so ragged prompts get correct
-masks and RoPE positions), replicates each prompt's cache to its ``G`` rows, and decodes
-all ``N = B * G`` rows together. Sampling maths is compiled once per config; the token
-loop is Python, as in ``mlx_lm.generate`` (STYLE rule 7), and syncs with the host only
-every ``check_every`` steps to see whether every row has finished.
+masks and RoPE positions), gathers each prompt's keys/values into its ``G`` rows, and
+decodes all ``N = B * G`` rows together. One decode step (model call on a fixed-shape
+``BatchKVCache`` subclass + sampling) is ``mx.compile``d per (model, config); shapes are
+bucketed (prompt length, KV capacity, live-row count) so it does not retrace after
+warm-up. The token loop is Python, as in ``mlx_lm.generate`` (STYLE rule 7); every
+``CHECK_EVERY`` steps the host reads which rows ended, stops when all have, and drops
+finished rows once at most ``FILTER_FRACTION`` are live. docs/sampler.md has the details.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from grpo.core.sampling import SamplingConfig, make_sample_fn
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this
+PREFILL_CHUNK = 512  # prompt tokens per prefill call
 KV_BUCKET = 64  # the KV buffer grows by this many columns at a time
 CHECK_EVERY = 8  # decode steps between host checks for finished rows
 FILTER_FRACTION = 0.5  # compact the batch once at most this fraction of rows is live
@@ -170,7 +174,12 @@ def _prefill(model, prompts, lengths):
         if type(c) is not KVCache:
             raise ValueError(f"rollout needs a model whose cache is KVCache per layer, got {type(c).__name__}")
         cache.append(BatchKVCache(left))
-    logits = model(ids, cache=cache)[:, -1, :]
+    # Chunks bound activation memory; only the cache is evaluated, so the lm_head never
+    # runs on prompt positions (lazy graph), and the last token alone yields logits.
+    for start in range(0, P - 1, PREFILL_CHUNK):
+        model(ids[:, start : min(start + PREFILL_CHUNK, P - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    logits = model(ids[:, P - 1 :], cache=cache)[:, -1, :]
     return cache, logits
 
 
