@@ -5,10 +5,10 @@ Every case goes through the public API (``GRPOConfig(...)``, ``GRPOTrainer(...)`
 ``rollout`` is replaced by a function that fails the test if it is ever called.
 """
 
+import grpo  # noqa: F401, I001  (fast BLAS before mlx)
 import json
 import shutil
 
-import grpo  # noqa: F401, I001  (fast BLAS before mlx)
 import datasets
 import pytest
 
@@ -144,7 +144,9 @@ def test_completion_budget_larger_than_the_context(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("spec", [42, [zeros, 42]], ids=["alone", "in-list"])
 def test_reward_not_callable(tmp_path, spec):
-    with pytest.raises(TypeError, match=r"(42.*not callable|must be a callable or a string, got 42)"):
+    with pytest.raises(
+        TypeError, match=r"(42.*not callable|must be a callable or a string, got 42)"
+    ):
         _trainer(tmp_path / "no-model", tmp_path, reward=spec)
 
 
@@ -241,7 +243,9 @@ def test_resume_from_a_corrupt_trainer_state(tiny_model_dir, tmp_path, checkpoin
 def test_resume_from_an_incomplete_checkpoint(tiny_model_dir, tmp_path, checkpoint):
     path = _copy(checkpoint, tmp_path)
     (path / "optimizer.safetensors").unlink()
-    _resume_fails(tiny_model_dir, tmp_path, path, r"incomplete: missing \['optimizer.safetensors'\]")
+    _resume_fails(
+        tiny_model_dir, tmp_path, path, r"incomplete: missing \['optimizer.safetensors'\]"
+    )
 
 
 def test_resume_adapters_of_another_rank(tiny_model_dir, tmp_path, checkpoint):
@@ -266,7 +270,9 @@ def test_resume_lora_adapters_into_a_full_finetune(tiny_model_dir, tmp_path, che
 
 def test_resume_with_a_different_batch_layout(tiny_model_dir, tmp_path, checkpoint):
     trainer = _trainer(tiny_model_dir, tmp_path, num_generations=2)
-    with pytest.raises(ValueError, match=r"saved sampler has batch_size=2, this one has batch_size=4"):
+    with pytest.raises(
+        ValueError, match=r"saved sampler has batch_size=2, this one has batch_size=4"
+    ):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.global_step == 0
 

@@ -26,6 +26,13 @@ class TrainState(NamedTuple):
     step: mx.array
 
 
+def float32_tree(tree: Any) -> Any:
+    """``tree`` with every floating leaf in float32 (the optimizer's working precision)."""
+    return tree_map(
+        lambda x: x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x, tree
+    )
+
+
 def init_state(params: Any, optimizer, *, key: mx.array) -> TrainState:
     """A fresh state: ``optimizer`` is initialised on ``params`` and its state copied out.
 
@@ -39,6 +46,7 @@ def init_state(params: Any, optimizer, *, key: mx.array) -> TrainState:
     """
     lr = optimizer.state.get("learning_rate", mx.array(0.0, mx.float32))
     optimizer.state = {"step": mx.array(0, mx.uint64), "learning_rate": lr}
-    optimizer.init(params)
+    # Moments in float32 whatever the weights' dtype (grpo.core.step runs the update in float32).
+    optimizer.init(float32_tree(params))
     opt_state = tree_map(lambda x: x, optimizer.state)
     return TrainState(params=params, opt_state=opt_state, key=key, step=mx.array(0, mx.int32))

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from grpo.core import distributed as dist
-from grpo.core.state import TrainState
+from grpo.core.state import TrainState, float32_tree
 
 # How each loss type normalises (grpo.core.loss reductions): per sequence (mean over rows,
 # or a per-row constant) or per live token of the accumulated batch.
@@ -202,8 +202,11 @@ def _clip(grads, max_grad_norm: float):
 
 def _apply(optimizer, grads, params, opt_state):
     # STYLE rule 5: the only place the optimizer object meets the traced arrays.
+    # The update runs in float32 and is cast back: in float16, Adam's eps=1e-8 rounds to 0,
+    # so a zero gradient (e.g. uniform rewards) would make m / (sqrt(v) + eps) = 0 / 0.
     optimizer.state = opt_state
-    params = optimizer.apply_gradients(grads, params)
+    new = optimizer.apply_gradients(float32_tree(grads), float32_tree(params))
+    params = tree_map(lambda n, p: n.astype(p.dtype), new, params)
     return params, optimizer.state
 
 
