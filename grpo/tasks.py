@@ -1,0 +1,159 @@
+"""Built-in verifiable tasks: seeded datasets of ``{"prompt", "answer"}`` rows plus their rewards.
+
+A task is a small string transformation with an exact answer, generated from a seed so
+that the default job needs no download:
+
+- ``reverse``: ``"reverse: kqzt\\n"`` -> ``"tzqk"``
+- ``sort``: ``"sort: kqzt\\n"`` -> ``"kqtz"``
+
+Prompts are plain text (no chat template), which keeps them short for the character-level
+tokenizer of :mod:`grpo.io.tiny`. Every reward is in ``[0, 1]`` with partial credit per
+character, so the mean reward rises smoothly while a model learns:
+
+.. math::
+
+    r(c, a) = \\frac{\\#\\{i : c_i = a_i\\}}{\\max(|c|, |a|)}
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable, Sequence
+
+import attrs
+
+ALPHABET = string.ascii_lowercase
+# Special tokens of grpo.io.tiny's tokenizer; a completion decoded with them kept is cut at
+# the first one, so rewards do not depend on how the caller decoded.
+_STOP_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
+
+
+def _reverse(s: str) -> str:
+    return s[::-1]
+
+
+def _sort(s: str) -> str:
+    return "".join(sorted(s))
+
+
+@attrs.frozen
+class Task:
+    """A seeded string-transformation task.
+
+    Attributes:
+        name: registry name (``grpo train --dataset <name>``).
+        verb: the word the prompt starts with (``"reverse: abc\\n"``).
+        transform: maps the input string to its exact answer.
+        min_len: shortest input string.
+        max_len: longest input string.
+        alphabet: characters the inputs are drawn from.
+    """
+
+    name: str
+    verb: str
+    transform: Callable[[str], str]
+    min_len: int = 3
+    max_len: int = 5
+    alphabet: str = ALPHABET
+
+    def prompt(self, s: str) -> str:
+        return f"{self.verb}: {s}\n"
+
+    def row(self, s: str) -> dict[str, str]:
+        return {"prompt": self.prompt(s), "answer": self.transform(s)}
+
+
+TASKS: dict[str, Task] = {
+    "reverse": Task("reverse", "reverse", _reverse),
+    "sort": Task("sort", "sort", _sort),
+}
+DEFAULT_TASK = "reverse"
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called ``name``; ``ValueError`` naming the choices otherwise."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def random_strings(n: int, *, seed: int, task: Task) -> list[str]:
+    """``n`` input strings drawn from ``task.alphabet`` with lengths in ``[min_len, max_len]``."""
+    rng = random.Random(seed)
+    return [
+        "".join(rng.choices(task.alphabet, k=rng.randint(task.min_len, task.max_len)))
+        for _ in range(n)
+    ]
+
+
+def make_dataset(name: str = DEFAULT_TASK, n: int = 1000, *, seed: int = 0) -> list[dict[str, str]]:
+    """A datasets-style list of ``{"prompt", "answer"}`` rows for the task ``name``.
+
+    Args:
+        name: a key of :data:`TASKS`.
+        n: number of rows.
+        seed: the same seed gives the same rows.
+
+    Returns:
+        ``n`` dicts; ``prompt`` is plain text ending in a newline, ``answer`` the exact answer.
+    """
+    if n < 1:
+        raise ValueError(f"make_dataset: n must be >= 1, got n={n!r}")
+    task = get_task(name)
+    return [task.row(s) for s in random_strings(n, seed=seed, task=task)]
+
+
+def completion_text(completion) -> str:
+    """The answer text of one completion: plain string or TRL chat messages, cut at a stop token."""
+    if isinstance(completion, (list, tuple)):
+        completion = completion[-1]["content"] if completion else ""
+    elif isinstance(completion, dict):
+        completion = completion["content"]
+    text = str(completion)
+    for stop in _STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def char_match(prediction: str, answer: str) -> float:
+    """Fraction of positions where ``prediction`` and ``answer`` agree, over the longer length.
+
+    .. math:: r = \\#\\{i : p_i = a_i\\} / \\max(|p|, |a|)
+
+    Returns 1.0 only for an exact match (and for two empty strings).
+    """
+    longest = max(len(prediction), len(answer))
+    if longest == 0:
+        return 1.0
+    return sum(p == a for p, a in zip(prediction, answer, strict=False)) / longest
+
+
+def exact_match_reward(
+    prompts: Sequence | None = None,
+    completions: Sequence = (),
+    *,
+    answer: Sequence[str],
+    **kwargs,
+) -> list[float]:
+    """TRL-style reward: per-character credit in ``[0, 1]`` against the ``answer`` column.
+
+    Args:
+        prompts: unused (kept for the TRL reward signature).
+        completions: ``N`` completions (strings or chat messages).
+        answer: ``N`` exact answers (the dataset column, repeated per completion).
+
+    Returns:
+        ``N`` floats in ``[0, 1]``; 1.0 means an exact answer.
+    """
+    if len(answer) != len(completions):
+        raise ValueError(
+            f"exact_match_reward: got {len(completions)} completions but {len(answer)} answers"
+        )
+    return [
+        char_match(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+# Rewards the CLI can name with `--reward <name>` in addition to grpo.rewards' built-ins.
+TASK_REWARDS: dict[str, Callable[..., list[float]]] = {"exact_match": exact_match_reward}
