@@ -10,6 +10,8 @@ on a machine shared with other jobs they are steadier than wall-clock ratios.
 
     /work/venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3]
 
+On the tiny model it also times finished-row compaction on vs off (EOS-heavy sampling).
+
 mlx-lm-lora is optional (the ``bench`` extra); its column is skipped with a message when it
 cannot be imported.
 """
@@ -114,11 +116,43 @@ def bench_one(model, tokenizer, B, engines, repeats):
     return {n: med(v) for n, v in wall.items()}, {n: med(v) for n, v in cpu.items()}
 
 
+def bench_compaction(model, repeats):
+    """Finished-row compaction on vs off: B=4, G=8, up to 128 tokens, 40 EOS ids (rows end
+    at different steps). Sampled lengths differ between the arms, so CPU ms per generated
+    token is reported alongside wall time."""
+    from grpo.core import rollout as R
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 97, size=P).tolist() for _ in range(4)]
+    cfg = SamplingConfig(group_size=G, max_tokens=128, eos_ids=tuple(range(100, 140)))
+    default = R.FILTER_FRACTION
+    res = {}
+    try:
+        for frac in (default, 0.0):
+            R.FILTER_FRACTION = frac
+            mx.eval(rollout(model.parameters(), mx.random.key(0), prompts, model=model, sampling=cfg))
+            walls, cpus, toks = [], [], []
+            for rep in range(repeats):
+                tic, cpu_tic = time.perf_counter(), time.process_time()
+                r = rollout(model.parameters(), mx.random.key(rep + 1), prompts, model=model, sampling=cfg)
+                mx.eval(r)
+                walls.append(time.perf_counter() - tic)
+                cpus.append(time.process_time() - cpu_tic)
+                toks.append(int(r.completion_lengths.sum()))
+            res[frac] = (sum(walls), sum(cpus), sum(toks))
+    finally:
+        R.FILTER_FRACTION = default
+    for frac, (w, c, n) in res.items():
+        label = "on " if frac else "off"
+        print(f"compaction {label}: {w:.2f} s wall, {c:.2f} s CPU, {n} tokens, {1e3 * c / n:.2f} CPU ms/token")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compaction", action="store_true", help="skip the compaction on/off run")
     args = ap.parse_args()
 
     engines = {"rollout": engine_rollout, "mlx-lm": engine_mlx_lm}
@@ -143,6 +177,8 @@ def main():
                           for d in (tps, cps) for o in ("mlx-lm", "mlx-lm-lora")]  # fmt: skip
                 cells = " | ".join(f"{tps[n]:.0f}" for n in engines)
                 print(f"| {size} | {B} | {cells} | {' | '.join(ratios)} |", flush=True)
+            if size == "tiny" and not args.no_compaction:
+                bench_compaction(model, args.repeats)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
