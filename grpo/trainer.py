@@ -66,6 +66,7 @@ from grpo.io.dist import (
 )
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
+from grpo.io.signals import InterruptGuard, TrainingInterrupted
 from grpo.rewards import resolve_reward_funcs
 
 # Data parallelism under mlx.launch (docs/distributed.md) needs group-aware batch statistics
@@ -524,27 +525,55 @@ class GRPOTrainer:
         last: dict[str, float] = {}
         saved_at = self.global_step
         self._clock = time.perf_counter()
+        # Ctrl-C / SIGTERM: stop at a generation boundary, save, raise TrainingInterrupted
+        # (grpo.io.signals). Not under mlx.launch, where the ranks would disagree on when.
+        guard = InterruptGuard(enabled=not D.is_distributed(self.group))
+        done: Generation | None = None
         # A rank that raises (a reward function, a bad row) ends the whole job at once
         # instead of leaving its peers blocked in a collective.
-        with fail_fast(self.group):
+        with fail_fast(self.group), guard:
             try:
                 while self.global_step < self.max_steps:
-                    key, sub = mx.random.split(self.state.key)
-                    self.state = self.state._replace(key=key)
-                    gen = self._generate(sub)
+                    gen = self._next_generation(guard)
+                    if gen is None:
+                        break  # interrupted while generating; rolled back to the boundary
                     self.num_tokens += gen.num_tokens
                     last = self._run_generation(gen, window_rows, writer, progress) or last
+                    done = gen
                     if self.global_step // args.save_steps > saved_at // args.save_steps:
                         self.save_checkpoint()
                         saved_at = self.global_step
-                    if self.should_stop:
+                    if self.should_stop or guard.requested:
                         break
+                if guard.requested and window_rows:  # log the steps since the last record
+                    last = self._log(window_rows, writer, self.global_step, done) or last
                 if saved_at != self.global_step:
                     self.save_checkpoint()
             finally:
                 progress.close()
+        if guard.requested:
+            saved = Path(args.output_dir) / f"checkpoint-{self.global_step}"
+            raise TrainingInterrupted(
+                guard.signum, self.global_step, saved if saved.is_dir() else None
+            )
         self._callback("on_train_end")
         return last
+
+    def _next_generation(self, guard: InterruptGuard) -> Generation | None:
+        """The next scored generation batch; ``None`` if a signal abandoned it (rolled back)."""
+        state, sampler = self.state, self.sampler.state_dict()
+        try:
+            with guard.abandonable():
+                key, sub = mx.random.split(self.state.key)
+                self.state = self.state._replace(key=key)
+                return self._generate(sub)
+        except KeyboardInterrupt:
+            if not guard.requested:
+                raise
+            self.state = state
+            self.sampler.load_state_dict(sampler)
+            self.model.update(state.params)
+            return None
 
     def _run_generation(self, gen: Generation, window_rows, writer, progress) -> dict:
         args, logged = self.args, {}

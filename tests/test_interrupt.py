@@ -1,0 +1,198 @@
+"""Ctrl-C saves and exits 130; SIGKILL at any moment leaves a loadable checkpoint; resuming
+either one ends with exactly the parameters of an uninterrupted run.
+
+In-process tests deliver real signals to this process (``os.kill(os.getpid(), ...)``) from
+inside training (a callback between steps, a reward function during generation). The
+subprocess tests run the real ``grpo train`` command and kill it.
+"""
+
+import grpo  # noqa: F401, I001  (fast BLAS before mlx)
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from grpo.config import GRPOConfig
+from grpo.io.checkpoint import load_checkpoint
+from grpo.io.logging import read_metrics
+from grpo.io.signals import InterruptGuard, TrainingInterrupted
+from grpo.trainer import GRPOTrainer
+
+PROMPTS = [{"prompt": p} for p in ["a", "b", "cd", "efg", "hi", "jk", "lmn", "op"]]
+
+
+def lengths(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def _args(out, **kw):
+    base = dict(
+        output_dir=str(out),
+        max_steps=6,
+        num_generations=4,
+        per_device_train_batch_size=8,
+        max_completion_length=4,
+        max_prompt_length=8,
+        learning_rate=1e-2,
+        lr_scheduler_type="cosine",
+        logging_steps=1,
+        save_steps=100,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return GRPOConfig(**{**base, **kw})
+
+
+def _trainer(model_dir, out, reward=lengths, callbacks=(), **kw):
+    return GRPOTrainer(
+        str(model_dir),
+        reward,
+        args=_args(out, **kw),
+        train_dataset=PROMPTS,
+        callbacks=list(callbacks),
+        group=None,
+    )
+
+
+def _flat(tree):
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    """Uninterrupted runs, by configuration, computed once."""
+    cache = {}
+
+    def run(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            t = _trainer(tiny_model_dir, tmp_path_factory.mktemp("straight"), **kw)
+            t.train()
+            cache[key] = (_flat(t.state.params), _flat(t.state.opt_state), t.log_history)
+        return cache[key]
+
+    return run
+
+
+class SignalAtStep:
+    """Send ``signum`` to this process when ``step`` finishes (between optimizer steps)."""
+
+    def __init__(self, step, signum=signal.SIGINT):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def _interrupt_then_resume(tiny_model_dir, out, *, callbacks=(), reward=lengths, **kw):
+    first = _trainer(tiny_model_dir, out, reward=reward, callbacks=callbacks, **kw)
+    with pytest.raises(TrainingInterrupted) as e:
+        first.train()
+    resumed = _trainer(tiny_model_dir, out, **kw)
+    resumed.train(resume_from_checkpoint=True)
+    return e.value, first, resumed
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_between_steps_saves_then_resume_matches(
+    tiny_model_dir, tmp_path, straight, signum, code
+):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    err, first, resumed = _interrupt_then_resume(
+        tiny_model_dir, tmp_path, callbacks=[SignalAtStep(2, signum)]
+    )
+    assert isinstance(err, KeyboardInterrupt) and err.exit_code == code
+    assert err.step == 2 and err.checkpoint == tmp_path / "checkpoint-2"
+    assert first.global_step == 2
+    state, meta = load_checkpoint(err.checkpoint, first.state)
+    _assert_same(_flat(state.params), _flat(first.state.params))
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+    params, opt, history = straight()
+    assert resumed.global_step == 6
+    _assert_same(_flat(resumed.state.params), params)
+    _assert_same(_flat(resumed.state.opt_state), opt)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [r["loss"] for r in history]
+
+
+def test_signal_during_generation_abandons_it_and_rolls_back(tiny_model_dir, tmp_path, straight):
+    calls = [0]
+
+    def interrupting(completions, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:  # scoring the 4th generation batch: after step 3, before step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return lengths(completions)
+
+    err, first, resumed = _interrupt_then_resume(tiny_model_dir, tmp_path, reward=interrupting)
+    assert err.step == 3 and first.global_step == 3
+    # Rolled back to the boundary: the sampler has not consumed the abandoned batch.
+    _, meta = load_checkpoint(err.checkpoint, first.state)
+    assert meta["sampler"]["position"] == 3 * 2  # 3 batches of 2 prompts
+    params, opt, _ = straight()
+    _assert_same(_flat(resumed.state.params), params)
+    _assert_same(_flat(resumed.state.opt_state), opt)
+
+
+def test_signal_mid_generation_batch_finishes_its_steps(tiny_model_dir, tmp_path, straight):
+    # Two optimizer steps per generation batch: a signal after step 3 lets step 4 (same
+    # batch, no new rollout) finish, so the checkpoint sits on a generation boundary.
+    kw = dict(steps_per_generation=2, per_device_train_batch_size=4)
+    err, first, resumed = _interrupt_then_resume(
+        tiny_model_dir, tmp_path, callbacks=[SignalAtStep(3)], **kw
+    )
+    assert err.step == 4 and err.checkpoint == tmp_path / "checkpoint-4"
+    params, opt, _ = straight(**kw)
+    _assert_same(_flat(resumed.state.params), params)
+    _assert_same(_flat(resumed.state.opt_state), opt)
+
+
+def test_guard_second_signal_raises_at_once_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with InterruptGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested and guard.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs before this returns
+    assert signal.getsignal(signal.SIGINT) is before
+    with InterruptGuard(enabled=False) as guard:
+        assert signal.getsignal(signal.SIGINT) is before
+        assert not guard.requested
+
+
+def test_guard_abandonable_block_raises_on_the_first_signal():
+    with InterruptGuard() as guard:
+        with pytest.raises(KeyboardInterrupt):
+            with guard.abandonable():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert guard.requested
+        with pytest.raises(KeyboardInterrupt):  # already requested: refuse new work
+            with guard.abandonable():
+                pass
+
+
+# -- the real `grpo train` subprocess --------------------------------------------------------
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "grpo", "train", *args]
+
+
+def _cli_supports_resume() -> bool:
+    out = subprocess.run(_cli("--help"), capture_output=True, text=True, timeout=60)
+    return out.returncode == 0 and "--resume_from_checkpoint" in out.stdout
