@@ -256,5 +256,8 @@ def rotate_checkpoints(output_dir: str | Path, *, keep: int | None) -> list[Path
     found = list_checkpoints(output_dir)
     doomed = found[: max(len(found) - keep, 0)]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        # Rename first: a kill mid-delete must not leave a partial ``checkpoint-N`` behind.
+        trash = p.parent / f".del-{p.name}-{os.getpid()}"
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
