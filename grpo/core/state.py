@@ -15,7 +15,8 @@ class TrainState(NamedTuple):
         params: trainable parameter tree (LoRA adapters only, or every weight for a full
             fine-tune); leaves keep the model's dtypes.
         opt_state: the ``mlx.optimizers`` state tree (``step`` uint64 ``[]``,
-            ``learning_rate`` float32 ``[]`` and per-parameter moments like ``params``).
+            ``learning_rate`` float32 ``[]`` and per-parameter moments shaped like ``params``, in
+            float32 whatever the weights' dtype).
         key: ``[2]`` uint32 RNG key, split once per step (dropout masks).
         step: ``[]`` int32 number of optimizer steps taken.
     """
