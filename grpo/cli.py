@@ -1,28 +1,557 @@
-"""The ``grpo`` command line."""
+"""The ``grpo`` command line: ``grpo train`` and ``grpo eval``.
+
+``grpo train`` with no flags runs the embedded default job (:mod:`grpo.io.default_job`): a
+cached, warm-started tiny model learns the built-in ``reverse`` task by GRPO and writes
+``metrics.jsonl`` and ``reward_curve.png`` to ``grpo_output/``. Every
+:class:`grpo.config.GRPOConfig` field is a flag (``--learning_rate 1e-5``) and a key of the
+``--config`` YAML file; flags override the file, which overrides the defaults.
+
+Usage errors (unknown flag or YAML key, bad value, missing file, invalid combination of
+settings) print one line naming the problem and exit with code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
 
 import grpo
 
+# YAML keys of --config besides the GRPOConfig fields.
+RUN_KEYS = ("model", "dataset", "reward", "adapter_path")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".txt")
+EVAL_ROWS = 64
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files: one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        if message.startswith("unrecognized arguments:"):
+            message = _unknown_flags(self, message.split(":", 1)[1].split())
+        elif message.startswith("argument ") and ": invalid value " in message:
+            message = message.split(": ", 1)[1]  # our converter's message names the flag
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, words: list[str]) -> str:
+    flags = [w for w in words if w.startswith("-")] or words
+    known = [o for a in parser._actions for o in a.option_strings]
+    hint = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
+    more = f"; did you mean {hint[0]}?" if hint else ""
+    return f"unknown option{'s' if len(flags) > 1 else ''} {' '.join(flags)}{more}"
+
+
+# -- GRPOConfig fields as typed flags -------------------------------------------------------
+
+
+def config_fields() -> list[tuple[str, Any, Any]]:
+    """``(name, type, default)`` of every :class:`GRPOConfig` field, in declaration order."""
+    import attrs
+
+    from grpo.config import GRPOConfig
+
+    hints = typing.get_type_hints(GRPOConfig)
+    return [(f.name, hints[f.name], f.default) for f in attrs.fields(GRPOConfig)]
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], len(inner) < len(args)
+    return tp, False
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _scalar(tp: Any, text: str) -> Any:
+    if tp is bool:
+        return parse_bool(text)
+    try:
+        if tp is int:
+            return int(str(text).strip())
+        if tp is float:
+            return float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if tp is int else 'a number'}") from None
+    return str(text)
+
+
+def convert(tp: Any, value: Any) -> Any:
+    """``value`` (a command-line string or a YAML value) as the field type ``tp``.
+
+    Raises ``ValueError`` with a short reason when it does not fit.
+    """
+    base, optional = _split_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError("None is not allowed here")
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return tuple(convert(item, v) for v in items if not (isinstance(v, str) and not v.strip()))
+    if isinstance(value, str):
+        return _scalar(base, value)
+    # A YAML scalar that already has a type: check it fits instead of silently coercing.
+    if base is bool and not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if base is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"expected a number, got {value!r}")
+    if base is str and not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return float(value) if base is float else value
+
+
+def type_name(tp: Any) -> str:
+    base, optional = _split_optional(tp)
+    if typing.get_origin(base) is tuple:
+        name = f"comma-separated {typing.get_args(base)[0].__name__}s"
+    else:
+        name = {bool: "true|false", int: "int", float: "float", str: "str"}[base]
+    return f"{name} or none" if optional else name
+
+
+def _flag_type(name: str, tp: Any):
+    def parse(text: str):
+        try:
+            return convert(tp, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} for --{name} ({e})") from e
+
+    parse.__name__ = type_name(tp)
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, job_defaults: dict) -> None:
+    """One ``--<field>`` flag per GRPOConfig field (dashes also accepted), default unset."""
+    group = parser.add_argument_group(
+        "GRPOConfig fields (TRL names; these override --config, which overrides the defaults)"
+    )
+    for name, tp, default in config_fields():
+        strings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        shown = default if not isinstance(default, tuple) else ",".join(map(str, default))
+        extra = f"; default job: {job_defaults[name]}" if name in job_defaults else ""
+        kwargs: dict[str, Any] = dict(
+            dest=f"cfg_{name}",
+            default=argparse.SUPPRESS,
+            type=_flag_type(name, tp),
+            metavar=type_name(tp).upper().replace(" ", "_") if tp is not bool else "BOOL",
+            help=f"default: {shown}{extra}",
+        )
+        if tp is bool:
+            kwargs.update(nargs="?", const=True)
+        group.add_argument(*strings, **kwargs)
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+GRPO (Group Relative Policy Optimization) for language models on Apple MLX.
+
+  grpo train                       the default job: a tiny model learns to reverse strings
+  grpo train --model M --dataset D --reward R [--config run.yaml] [--<GRPOConfig field> V]
+  grpo eval  [--model M] [--adapter_path OUT] [--dataset D] [--reward R]
+"""
+
+TRAIN_EPILOG = """\
+With no --model, the default job builds (once, then reuses from the cache: $MLX_GRPO_CACHE,
+else $XDG_CACHE_HOME/mlx-grpo, else ~/.cache/mlx-grpo) a seeded tiny model, warm-starts it
+with a few supervised steps on generated examples, and trains it by GRPO on the built-in
+task. --dataset also accepts a built-in task name (reverse, sort), whose reward is
+exact_match. --config YAML takes every GRPOConfig field and the keys model, dataset, reward.
+Writes metrics.jsonl, reward_curve.png, checkpoints and the trained weights (mlx-lm adapter
+format) to --output_dir.
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        help="mlx-lm model directory or Hugging Face hub id (default: the cached tiny model)",
+    )
+    p.add_argument(
+        "--dataset",
+        help="jsonl/json/csv/parquet file or folder, hub id, or a built-in task name "
+        "(default: reverse); needs a 'prompt' column, other columns reach the rewards",
+    )
+    p.add_argument(
+        "--reward",
+        help="built-in reward name(s) (exact_match, answer_match, think_format, "
+        "length_penalty), 'module:function' or 'file.py:function', comma-separated "
+        "(default for built-in tasks: exact_match)",
+    )
+    p.add_argument("--config", metavar="YAML", help="YAML file of GRPOConfig fields")
+    p.add_argument(
+        "--warm_start_steps",
+        type=_flag_type("warm_start_steps", int),
+        default=None,
+        help="supervised warm-start steps of the default tiny model (default: "
+        "the default job's; 0 skips it)",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="grpo", description="GRPO (Group Relative Policy Optimization) on Apple MLX."
+    from grpo.io.default_job import DEFAULT_TRAIN_ARGS
+
+    parser = _Parser(
+        prog="grpo",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"mlx-grpo {grpo.__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.set_defaults(_subparsers=sub.choices)
+
+    train = sub.add_parser(
+        "train",
+        help="train with GRPO (no flags: the embedded default job)",
+        description="Train a model with GRPO.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    _common(train)
+    train.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="resume from DIR, or from the newest checkpoint in --output_dir",
+    )
+    train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start afresh even if --output_dir already holds a run's metrics.jsonl",
+    )
+    add_config_flags(train, job_defaults=DEFAULT_TRAIN_ARGS)
+
+    ev = sub.add_parser(
+        "eval",
+        help="score a model (and adapters) on a dataset: mean reward per function",
+        description="Sample num_generations_eval (default num_generations) completions per "
+        "prompt and print the mean reward of each reward function.",
+        allow_abbrev=False,
+    )
+    _common(ev)
+    ev.add_argument(
+        "--adapter_path",
+        metavar="DIR",
+        help="adapters to load on top of --model (e.g. a grpo train output_dir)",
+    )
+    ev.add_argument(
+        "--limit",
+        type=_flag_type("limit", int),
+        default=None,
+        help=f"score only the first N prompts (default: all; {EVAL_ROWS} for a built-in task)",
+    )
+    add_config_flags(ev, job_defaults=DEFAULT_TRAIN_ARGS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+# -- resolving the run ---------------------------------------------------------------------------
+
+
+def load_yaml(path: str) -> dict:
+    """The ``--config`` file as a dict; :class:`UsageError` on a missing or malformed file."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--config {path}: not valid YAML ({first})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"--config {path}: expected a mapping of field: value, got {type(data).__name__}"
+        )
+    return data
+
+
+def yaml_overrides(data: dict, path: str) -> tuple[dict, dict]:
+    """Split a config file into ``(GRPOConfig fields, run keys)``, converting field types."""
+    fields = {name: tp for name, tp, _ in config_fields()}
+    cfg, run = {}, {}
+    for key, value in data.items():
+        if key in RUN_KEYS:
+            run[key] = value
+        elif key in fields:
+            try:
+                cfg[key] = convert(fields[key], value)
+            except ValueError as e:
+                raise UsageError(f"--config {path}: invalid value for {key}: {e}") from e
+        else:
+            hint = difflib.get_close_matches(str(key), list(fields) + list(RUN_KEYS), n=1)
+            more = f"; did you mean {hint[0]}?" if hint else ""
+            raise UsageError(f"--config {path}: unknown GRPOConfig field {key!r}{more}")
+    return cfg, run
+
+
+def flag_overrides(args: argparse.Namespace) -> dict:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+
+
+def make_config(base: dict, *layers: dict):
+    """``GRPOConfig(**base | layer1 | layer2 ...)``; an invalid combination is a UsageError."""
+    from grpo.config import GRPOConfig
+
+    values: dict = dict(base)
+    for layer in layers:
+        values.update(layer)
+    try:
+        return GRPOConfig(**values)
+    except (ValueError, TypeError) as e:
+        lines = [s.strip(" -") for s in str(e).splitlines() if s.strip(" -")]
+        head, rest = lines[0].rstrip(":"), lines[1:]
+        raise UsageError(f"{head}: {'; '.join(rest)}" if rest else head) from e
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).suffix.lower() in FILE_SUFFIXES
+
+
+def _check_local(value: str, what: str) -> None:
+    if _looks_like_path(value) and not Path(value).expanduser().exists():
+        raise UsageError(f"--{what}: no such file or directory: {value}")
+
+
+class Run:
+    """Everything ``train`` / ``eval`` needs, resolved from flags, YAML and defaults."""
+
+    def __init__(self, args: argparse.Namespace, *, command: str):
+        from grpo.io import default_job
+        from grpo.tasks import DEFAULT_TASK, TASKS
+
+        file_cfg, file_run = ({}, {})
+        if args.config:
+            file_cfg, file_run = yaml_overrides(load_yaml(args.config), args.config)
+        pick = lambda name: getattr(args, name, None) or file_run.get(name)  # noqa: E731
+        self.model, self.dataset, self.reward = pick("model"), pick("dataset"), pick("reward")
+        self.adapter_path = pick("adapter_path")
+        self.default_model = self.model is None
+        dataset = self.dataset if self.dataset is not None else DEFAULT_TASK
+        self.task = (
+            dataset
+            if isinstance(dataset, str) and dataset in TASKS and not Path(dataset).exists()
+            else None
+        )
+        if self.task is None:
+            _check_local(str(dataset), "dataset")
+        if self.reward is None:
+            if self.task is None:
+                raise UsageError(
+                    f"--reward is required for --dataset {dataset} (e.g. --reward answer_match "
+                    "or --reward my_module:my_reward)"
+                )
+            self.reward = "exact_match"
+        if self.model is not None:
+            _check_local(str(self.model), "model")
+        if self.adapter_path is not None and not Path(self.adapter_path).expanduser().is_dir():
+            raise UsageError(f"--adapter_path: no such directory: {self.adapter_path}")
+        self.dataset = dataset
+        base = dict(default_job.DEFAULT_TRAIN_ARGS) if self.default_model else {}
+        if command == "eval" and self.default_model:
+            base["per_device_eval_batch_size"] = 64
+        self.config = make_config(base, file_cfg, flag_overrides(args))
+        ws = args.warm_start_steps
+        if ws is not None and ws < 0:
+            raise UsageError(f"--warm_start_steps must be >= 0, got {ws}")
+        self.warm_start = default_job.evolve_warm_start(**({} if ws is None else {"steps": ws}))
+
+    def reward_funcs(self) -> list:
+        import grpo.tasks  # noqa: F401  (registers exact_match)
+        from grpo.rewards import resolve_reward_funcs
+
+        try:
+            return resolve_reward_funcs(self.reward)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--reward: {e}") from e
+
+    def model_path(self, log=print) -> str:
+        from grpo.io import default_job
+
+        if not self.default_model:
+            return str(self.model)
+        return str(
+            default_job.ensure_model(
+                task=self.task or "reverse", warm_start=self.warm_start, log=log
+            )
+        )
+
+    def rows(self, *, split: str):
+        if self.task is not None:
+            from grpo.io.default_job import default_dataset
+
+            if split == "train":
+                return default_dataset(self.task)
+            return default_dataset(self.task, n=EVAL_ROWS, seed=7_777)
+        from grpo.io.data import load_prompts
+
+        try:
+            return load_prompts(self.dataset)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise UsageError(f"--dataset {self.dataset}: {e}") from e
+        except Exception as e:  # hub / network errors from datasets
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"--dataset {self.dataset}: cannot load it ({first})") from e
+
+
+def _load_model(path: str, adapter_path: str | None, *, trust_remote_code: bool):
+    import mlx_lm
+
+    try:
+        return mlx_lm.load(
+            path,
+            adapter_path=adapter_path,
+            tokenizer_config={"trust_remote_code": True} if trust_remote_code else None,
+        )
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--model {path}: cannot load it ({type(e).__name__}: {first})") from e
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _check_output_dir(cfg, args) -> None:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {cfg.output_dir} exists and is a file")
+    metrics = out / "metrics.jsonl"
+    if metrics.exists() and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            raise UsageError(
+                f"--output_dir {cfg.output_dir} already holds a run (metrics.jsonl); pass "
+                "--overwrite_output_dir, --resume_from_checkpoint, or another --output_dir"
+            )
+        metrics.unlink()
+
+
+def reward_margin(records: list[dict], *, fraction: float = 0.1) -> tuple[float, float]:
+    """Mean reward over the first and the last ``fraction`` of logged steps."""
+    rewards = [r["reward"] for r in records if isinstance(r.get("reward"), (int, float))]
+    if not rewards:
+        return float("nan"), float("nan")
+    k = max(1, round(fraction * len(rewards)))
+    return sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+
+
+def train(args: argparse.Namespace) -> int:
+    from grpo.io.logging import read_metrics
+    from grpo.io.plot import plot_reward_curve
+
+    start = time.perf_counter()
+    run = Run(args, command="train")
+    cfg = run.config
+    reward_funcs = run.reward_funcs()
+    _check_output_dir(cfg, args)
+    rows = run.rows(split="train")
+    model, tokenizer = _load_model(run.model_path(), None, trust_remote_code=cfg.trust_remote_code)
+    from grpo.trainer import GRPOTrainer
+
+    try:
+        trainer = GRPOTrainer(
+            model, reward_funcs, args=cfg, train_dataset=rows, processing_class=tokenizer
+        )
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e).splitlines()[0]) from e
+    what = f"the built-in {run.task!r} task" if run.task else str(run.dataset)
+    print(
+        f"GRPO: {trainer.max_steps} steps on {what}, reward {run.reward}, "
+        f"{cfg.num_generations} completions per prompt, output in {cfg.output_dir}/"
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = Path(cfg.output_dir) / "metrics.jsonl"
+    png = plot_reward_curve(metrics, Path(cfg.output_dir) / "reward_curve.png")
+    first, last = reward_margin(read_metrics(metrics))
+    print(
+        f"done in {time.perf_counter() - start:.0f}s: mean reward {first:.3f} (first 10% of "
+        f"steps) -> {last:.3f} (last 10%), change {last - first:+.3f}"
+    )
+    print(f"wrote {metrics}, {png} and the trained weights in {cfg.output_dir}/")
     return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import attrs
+
+    run = Run(args, command="eval")
+    cfg = attrs.evolve(run.config, use_lora=False, beta=0.0)  # score only: no adapters, no ref
+    reward_funcs = run.reward_funcs()
+    rows = run.rows(split="eval")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UsageError(f"--limit must be >= 1, got {args.limit}")
+        rows = (
+            rows[: args.limit]
+            if isinstance(rows, list)
+            else rows.select(range(min(args.limit, len(rows))))
+        )
+    model, tokenizer = _load_model(
+        run.model_path(), run.adapter_path, trust_remote_code=cfg.trust_remote_code
+    )
+    from grpo.trainer import GRPOTrainer
+
+    try:
+        trainer = GRPOTrainer(
+            model, reward_funcs, args=cfg, train_dataset=rows, processing_class=tokenizer
+        )
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e).splitlines()[0]) from e
+    results = trainer.evaluate(rows)
+    print(
+        f"eval: {len(rows)} prompts x {cfg.num_generations_eval or cfg.num_generations} completions"
+    )
+    for name, value in results.items():
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            sub = parser if args.command is None else args._subparsers[args.command]
+            sub.error("unrecognized arguments: " + " ".join(unknown))
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return {"train": train, "eval": evaluate}[args.command](args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

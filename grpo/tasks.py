@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from grpo.rewards import register_reward
+
 ALPHABET = string.ascii_lowercase
 # Special tokens of grpo.io.tiny's tokenizer; a completion decoded with them kept is cut at
 # the first one, so rewards do not depend on how the caller decoded.
@@ -129,7 +131,8 @@ def char_match(prediction: str, answer: str) -> float:
     return sum(p == a for p, a in zip(prediction, answer, strict=False)) / longest
 
 
-def exact_match_reward(
+@register_reward("exact_match")
+def exact_match(
     prompts: Sequence | None = None,
     completions: Sequence = (),
     *,
@@ -148,12 +151,8 @@ def exact_match_reward(
     """
     if len(answer) != len(completions):
         raise ValueError(
-            f"exact_match_reward: got {len(completions)} completions but {len(answer)} answers"
+            f"exact_match: got {len(completions)} completions but {len(answer)} answers"
         )
     return [
         char_match(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)
     ]
-
-
-# Rewards the CLI can name with `--reward <name>` in addition to grpo.rewards' built-ins.
-TASK_REWARDS: dict[str, Callable[..., list[float]]] = {"exact_match": exact_match_reward}

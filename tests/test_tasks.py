@@ -13,7 +13,7 @@ from grpo.tasks import (
     TASKS,
     char_match,
     completion_text,
-    exact_match_reward,
+    exact_match,
     get_task,
     make_dataset,
 )
@@ -75,14 +75,14 @@ def test_char_match_bounds_and_exactness(p, a):
 
 def test_reward_reads_text_and_chat_completions_and_cuts_at_stop_tokens():
     completions = ["cba<|im_end|>", [{"role": "assistant", "content": " cba\n"}], "cbx", "zzzzzz"]
-    rewards = exact_match_reward(None, completions, answer=["cba"] * 4)
+    rewards = exact_match(None, completions, answer=["cba"] * 4)
     assert rewards == pytest.approx([1.0, 1.0, 2 / 3, 0.0])
     assert completion_text("ab<|endoftext|>cd") == "ab"
 
 
 def test_reward_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
-        exact_match_reward(None, ["a", "b"], answer=["a"])
+        exact_match(None, ["a", "b"], answer=["a"])
 
 
 def test_reward_works_through_the_scorer():
@@ -92,7 +92,7 @@ def test_reward_works_through_the_scorer():
     prompts = [r["prompt"] for r in rows for _ in range(2)]
     answers = [r["answer"] for r in rows for _ in range(2)]
     texts = [answers[0], "", answers[2], answers[2][:-1] + "#"]
-    scores = score(prompts, texts, [[1]] * 4, [exact_match_reward], columns={"answer": answers})
+    scores = score(prompts, texts, [[1]] * 4, [exact_match], columns={"answer": answers})
     got = np.array(scores.rewards_per_func)[:, 0]
     expected = [1.0, 0.0, 1.0, (len(answers[2]) - 1) / len(answers[2])]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
