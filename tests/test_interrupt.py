@@ -7,18 +7,20 @@ subprocess tests run the real ``grpo train`` command and kill it.
 """
 
 import grpo  # noqa: F401, I001  (fast BLAS before mlx)
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from grpo.config import GRPOConfig
-from grpo.io.checkpoint import load_checkpoint
+from grpo.io.checkpoint import REQUIRED, list_checkpoints, load_checkpoint
 from grpo.io.logging import read_metrics
 from grpo.io.signals import InterruptGuard, TrainingInterrupted
 from grpo.trainer import GRPOTrainer
@@ -196,3 +198,103 @@ def _cli(*args):
 def _cli_supports_resume() -> bool:
     out = subprocess.run(_cli("--help"), capture_output=True, text=True, timeout=60)
     return out.returncode == 0 and "--resume_from_checkpoint" in out.stdout
+
+
+FAST = [
+    "--warm_start_steps", "0",
+    "--max_steps", "16",
+    "--save_steps", "4",
+    "--per_device_train_batch_size", "16",
+    "--num_generations", "4",
+    "--max_completion_length", "4",
+    "--logging_steps", "1",
+    "--disable_tqdm",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    env = dict(os.environ, MLX_GRPO_CACHE=str(tmp_path_factory.mktemp("cache")))
+    env.pop("MLX_RANK", None)
+    return env
+
+
+def _start(out, env, *extra):
+    return subprocess.Popen(
+        _cli(*FAST, "--output_dir", str(out), *extra),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_checkpoint(proc, out, *, after: int, timeout: float = 120.0) -> int:
+    """Poll until a checkpoint newer than step ``after`` exists; return its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.name.split("-")[1]) for p in list_checkpoints(out)]
+        newer = [s for s in steps if s > after]
+        if newer:
+            return min(newer)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no checkpoint after step {after} within {timeout}s")
+
+
+def _adapters(out):
+    return {k: np.array(v) for k, v in mx.load(str(out / "adapters.safetensors")).items()}
+
+
+def _assert_checkpoints_complete(out):
+    named = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert named and named == sorted(list_checkpoints(out))  # no partial checkpoint-N
+    for path in named:
+        for name in REQUIRED:
+            assert (path / name).stat().st_size > 0, path / name
+        mx.load(str(path / "adapters.safetensors"))
+        mx.load(str(path / "optimizer.safetensors"))
+        json.loads((path / "trainer_state.json").read_text())
+
+
+def test_grpo_train_killed_then_interrupted_then_resumed_equals_uninterrupted(tmp_path, cli_env):
+    straight = tmp_path / "straight"
+    done = subprocess.run(
+        _cli(*FAST, "--output_dir", str(straight)), env=cli_env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    # 1. SIGKILL at a random moment after the first checkpoint: no cleanup code runs at all.
+    proc = _start(out, cli_env)
+    _wait_for_checkpoint(proc, out, after=0)
+    time.sleep(float(rng.uniform(0.0, 0.3)))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    _assert_checkpoints_complete(out)
+    killed_at = int(list_checkpoints(out)[-1].name.split("-")[1])
+    assert killed_at < 16
+
+    # 2. Resume; Ctrl-C once it has saved again: it stops cleanly, saves and exits 130.
+    proc = _start(out, cli_env, "--resume_from_checkpoint")
+    _wait_for_checkpoint(proc, out, after=killed_at)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    _assert_checkpoints_complete(out)
+    stopped_at = int(list_checkpoints(out)[-1].name.split("-")[1])
+    assert killed_at < stopped_at <= 16
+    assert "interrupted" in stderr
+
+    # 3. Resume to the end: the same weights, bit for bit, and each step logged once.
+    proc = _start(out, cli_env, "--resume_from_checkpoint")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    want, got = _adapters(straight), _adapters(out)
+    _assert_same(got, want)
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 17))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
