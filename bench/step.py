@@ -43,11 +43,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpo  # noqa: F401  (fast BLAS before mlx)
+# isort: off
+import grpo  # noqa: F401  (loads the fast BLAS; must precede mlx)
 import attrs
 import mlx.core as mx
 import mlx_lm
 
+# isort: on
 import grpo.trainer as trainer_mod
 from grpo.config import GRPOConfig
 from grpo.io.tiny import build_tiny_model
@@ -142,11 +144,12 @@ class Probe:
     # -- callback --
     def on_train_begin(self, tr):
         mx.eval(tr.state)
-        self._last = time.perf_counter()
+        self._last, self._cpu = time.perf_counter(), time.process_time()
 
     def on_step_end(self, tr, step, values):
         now = time.perf_counter()
-        row = {"step": step, "total": now - self._last, **self.acc}
+        cpu = time.process_time()
+        row = {"step": step, "total": now - self._last, "cpu": cpu - self._cpu, **self.acc}
         row["other"] = row["total"] - sum(self.acc[p] for p in PHASES)
         row["active_mb"] = mx.get_active_memory() / 2**20
         row["peak_mb"] = mx.get_peak_memory() / 2**20
@@ -154,7 +157,7 @@ class Probe:
         self.acc = dict.fromkeys(PHASES, 0.0)
         if step == self.reset_peak_at:
             mx.reset_peak_memory()
-        self._last = time.perf_counter()
+        self._last, self._cpu = time.perf_counter(), time.process_time()
 
     reset_peak_at = 0
 
@@ -168,9 +171,7 @@ def run_cell(model_dir: Path, *, size, B, T, mode, steps, warmup, extra=None, tm
     """Train ``warmup + steps`` steps; medians over the last ``steps``."""
     model, tok = load_model(model_dir)
     out = os.path.join(tmp, f"out-{size}-{B}-{T}-{mode}")
-    cfg = make_config(
-        B=B, T=T, lora=mode == "lora", steps=warmup + steps, out=out, **(extra or {})
-    )
+    cfg = make_config(B=B, T=T, lora=mode == "lora", steps=warmup + steps, out=out, **(extra or {}))
     tr = GRPOTrainer(model, digit_reward, args=cfg, train_dataset=prompts(64 * B),
                      processing_class=tok, group=None)  # fmt: skip
     # Fixed-length completions: no EOS, so every step samples exactly T tokens per row.
@@ -185,7 +186,7 @@ def run_cell(model_dir: Path, *, size, B, T, mode, steps, warmup, extra=None, tm
         probe.restore()
     load_after = os.getloadavg()[0]
     measured = probe.rows[warmup:]
-    med = {k: statistics.median(r[k] for r in measured) for k in (*PHASES, "other", "total")}
+    med = {k: statistics.median(r[k] for r in measured) for k in (*PHASES, "other", "total", "cpu")}
     n_completion = B * G * T
     result = {
         "size": size,
@@ -275,14 +276,19 @@ def markdown(results: list[dict], env: dict, *, title: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["test", "tiny", "small"])
+    ap.add_argument(
+        "--sizes", nargs="+", default=["tiny", "small"], choices=["test", "tiny", "small"]
+    )
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--tokens", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     ap.add_argument("--steps", type=int, default=5, help="measured steps per cell")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps (compilation)")
-    ap.add_argument("--gradient-checkpointing", action="store_true",
-                    help="set GRPOConfig.gradient_checkpointing=True (if this build has it)")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="set GRPOConfig.gradient_checkpointing=True (if this build has it)",
+    )
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--markdown", help="append a markdown table to this file")
     ap.add_argument("--title", default="Step breakdown (bench/step.py)")
