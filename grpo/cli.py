@@ -504,7 +504,17 @@ def evaluate(args: argparse.Namespace) -> int:
     import attrs
 
     run = Run(args, command="eval")
-    cfg = attrs.evolve(run.config, use_lora=False, beta=0.0)  # score only: no adapters, no ref
+    # Score only: no new adapters, no reference model, and a one-prompt training geometry
+    # (GRPOTrainer's sampler is built but never drawn from; it needs >= 1 batch of prompts).
+    cfg = attrs.evolve(
+        run.config,
+        use_lora=False,
+        beta=0.0,
+        per_device_train_batch_size=run.config.num_generations,
+        generation_batch_size=None,
+        steps_per_generation=None,
+        gradient_accumulation_steps=1,
+    )
     reward_funcs = run.reward_funcs()
     rows = run.rows(split="eval")
     if args.limit is not None:
