@@ -171,7 +171,12 @@ def check_prompts(dataset: Any, *, encoder: Callable[..., Any] | None = None) ->
     if _is_stream(dataset):
         return
     check_prompt_column(dataset)
-    prompts = dataset[PROMPT] if isinstance(dataset, datasets.Dataset) else None
+    # One Arrow read of the column (row-by-row access costs ~0.1 ms a row).
+    prompts = (
+        dataset.with_format("arrow")[:][PROMPT].to_pylist()
+        if isinstance(dataset, datasets.Dataset)
+        else None
+    )
     for index in range(len(dataset)):
         row = {PROMPT: prompts[index]} if prompts is not None else dataset[index]
         check_row(row, index)
