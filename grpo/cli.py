@@ -487,7 +487,12 @@ def train(args: argparse.Namespace) -> int:
         f"GRPO: {trainer.max_steps} steps on {what}, reward {run.reward}, "
         f"{cfg.num_generations} completions per prompt, output in {cfg.output_dir}/"
     )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    from grpo.io.checkpoint import CheckpointError
+
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except CheckpointError as e:
+        raise UsageError(f"--resume_from_checkpoint: {e}") from e
     trainer.save_model()
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     png = plot_reward_curve(metrics, Path(cfg.output_dir) / "reward_curve.png")
@@ -559,9 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # grpo.io.signals.TrainingInterrupted names the checkpoint it saved and its exit code.
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

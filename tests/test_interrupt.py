@@ -287,7 +287,7 @@ def test_grpo_train_killed_then_interrupted_then_resumed_equals_uninterrupted(tm
     _assert_checkpoints_complete(out)
     stopped_at = int(list_checkpoints(out)[-1].name.split("-")[1])
     assert killed_at < stopped_at <= 16
-    assert "interrupted" in stderr
+    assert f"saved {out / f'checkpoint-{stopped_at}'}" in stderr
 
     # 3. Resume to the end: the same weights, bit for bit, and each step logged once.
     proc = _start(out, cli_env, "--resume_from_checkpoint")
@@ -298,3 +298,20 @@ def test_grpo_train_killed_then_interrupted_then_resumed_equals_uninterrupted(tm
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 17))
     assert [r["loss"] for r in b] == [r["loss"] for r in a]
+
+
+def test_grpo_train_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path, cli_env):
+    missing = tmp_path / "run" / "checkpoint-8"
+    done = subprocess.run(
+        _cli(
+            *FAST, "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", str(missing)
+        ),
+        env=cli_env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip() == f"error: --resume_from_checkpoint: checkpoint not found: {missing}"
+    )
+    assert not list_checkpoints(tmp_path / "run")  # never a silent fresh start
