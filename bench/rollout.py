@@ -24,13 +24,13 @@ import statistics
 import tempfile
 import time
 
-import grpo  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
+import grpo  # noqa: F401  (fast BLAS before mlx)
 from grpo.core.rollout import rollout
 from grpo.core.sampling import SamplingConfig
 from grpo.io.tiny import build_tiny_model
@@ -104,7 +104,7 @@ def bench_one(model, tokenizer, B, engines, repeats):
     prompts = [rng.integers(3, 97, size=P).tolist() for _ in range(B)]
     wall = {name: [] for name in engines}
     cpu = {name: [] for name in engines}
-    for name, fn in engines.items():
+    for fn in engines.values():
         fn(model, tokenizer, prompts, 0)  # warm-up (compiles, allocates)
     for rep in range(repeats):
         for name, fn in engines.items():
@@ -130,11 +130,15 @@ def bench_compaction(model, repeats):
     try:
         for frac in (default, 0.0):
             R.FILTER_FRACTION = frac
-            mx.eval(rollout(model.parameters(), mx.random.key(0), prompts, model=model, sampling=cfg))
+            mx.eval(
+                rollout(model.parameters(), mx.random.key(0), prompts, model=model, sampling=cfg)
+            )
             walls, cpus, toks = [], [], []
             for rep in range(repeats):
                 tic, cpu_tic = time.perf_counter(), time.process_time()
-                r = rollout(model.parameters(), mx.random.key(rep + 1), prompts, model=model, sampling=cfg)
+                r = rollout(
+                    model.parameters(), mx.random.key(rep + 1), prompts, model=model, sampling=cfg
+                )
                 mx.eval(r)
                 walls.append(time.perf_counter() - tic)
                 cpus.append(time.process_time() - cpu_tic)
@@ -144,7 +148,9 @@ def bench_compaction(model, repeats):
         R.FILTER_FRACTION = default
     for frac, (w, c, n) in res.items():
         label = "on " if frac else "off"
-        print(f"compaction {label}: {w:.2f} s wall, {c:.2f} s CPU, {n} tokens, {1e3 * c / n:.2f} CPU ms/token")
+        print(
+            f"compaction {label}: {w:.2f} s wall, {c:.2f} s CPU, {n} tokens, {1e3 * c / n:.2f} CPU ms/token"
+        )
 
 
 def main():

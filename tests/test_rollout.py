@@ -1,6 +1,5 @@
 """Rollout engine: log-probs, greedy paths, padding, determinism, EOS handling, sampling maths."""
 
-import grpo  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -9,7 +8,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from mlx_lm.models import llama
+from strategies import arrays
 
+import grpo  # noqa: F401  (fast BLAS before mlx)
 from grpo.core.rollout import Rollout, Sampler, rollout
 from grpo.core.sampling import (
     SamplingConfig,
@@ -19,7 +20,6 @@ from grpo.core.sampling import (
     apply_top_p,
     make_sample_fn,
 )
-from strategies import arrays
 
 TEXTS = ("hello world", "a", "the quick brown fox jumps")
 
@@ -43,14 +43,18 @@ def prompts(model_tok):
 
 
 def _run(model, prompts, key=0, **kw):
-    return rollout(model.parameters(), mx.random.key(key), prompts, model=model, sampling=SamplingConfig(**kw))
+    return rollout(
+        model.parameters(), mx.random.key(key), prompts, model=model, sampling=SamplingConfig(**kw)
+    )
 
 
 def _teacher_forced(model, prompt, completion, temperature=1.0):
     ids = mx.array(list(prompt) + list(completion))[None]
     logits = np.array(model(ids)[0].astype(mx.float32), dtype=np.float64) / temperature
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-        -1, keepdims=True
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
     )
     P = len(prompt)
     return logp[np.arange(P - 1, P - 1 + len(completion)), completion]
@@ -76,7 +80,9 @@ def test_logprobs_equal_teacher_forced(model_tok, prompts, temperature):
 
 def test_greedy_equals_mlx_lm_generate(model_tok, prompts):
     model, tok = model_tok
-    r = _run(model, prompts, group_size=1, max_tokens=16, temperature=0.0, eos_ids=tok.eos_token_ids)
+    r = _run(
+        model, prompts, group_size=1, max_tokens=16, temperature=0.0, eos_ids=tok.eos_token_ids
+    )
     for i, p in enumerate(prompts):
         ref = [resp.token for resp in mlx_lm.stream_generate(model, tok, p, max_tokens=16)]
         assert _rows(r, i)[1] == ref
@@ -104,7 +110,7 @@ def test_deterministic_under_key(model_tok, prompts):
     a = _run(model, prompts, key=7, group_size=4, max_tokens=10)
     b = _run(model, prompts, key=7, group_size=4, max_tokens=10)
     c = _run(model, prompts, key=8, group_size=4, max_tokens=10)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert mx.array_equal(x, y)
     assert not mx.array_equal(a.completion_ids, c.completion_ids)
     # rows of one group differ: each row draws its own tokens
@@ -138,7 +144,7 @@ def test_model_mode_and_params_restored(model_tok, prompts):
                       sampling=SamplingConfig(group_size=1, max_tokens=8, temperature=0.0))  # fmt: skip
     assert model.training
     model.eval()
-    for (n, x), (_, y) in zip(before, tree_flatten(model.parameters())):
+    for (n, x), (_, y) in zip(before, tree_flatten(model.parameters()), strict=True):
         assert x is y, n
     r_own = _run(model, prompts, group_size=1, max_tokens=8, temperature=0.0)
     assert r_other.completion_ids.tolist() != r_own.completion_ids.tolist()
@@ -167,7 +173,10 @@ def successor_model():
                            vocab_size=V, tie_word_embeddings=False)  # fmt: skip
     model = llama.Model(args)
     flat = dict(tree_flatten(model.parameters()))
-    flat = {k: mx.zeros_like(v) if k.endswith(("o_proj.weight", "down_proj.weight")) else v for k, v in flat.items()}
+    flat = {
+        k: mx.zeros_like(v) if k.endswith(("o_proj.weight", "down_proj.weight")) else v
+        for k, v in flat.items()
+    }
     flat["model.embed_tokens.weight"] = mx.eye(V)
     head = np.zeros((V, D), np.float32)
     for x in range(V):
@@ -182,9 +191,22 @@ def successor_model():
 def test_eos_at_step_one_midway_and_never(successor_model, temperature):
     model = successor_model
     prompts = [[7, 10], [3, 4, 5, 20], [30], [40]]
-    r = _run(model, prompts, key=1, group_size=2, max_tokens=6, temperature=temperature, eos_ids=(EOS, EOS2))
+    r = _run(
+        model,
+        prompts,
+        key=1,
+        group_size=2,
+        max_tokens=6,
+        temperature=temperature,
+        eos_ids=(EOS, EOS2),
+    )
     assert r.completion_ids.shape == (8, 6)
-    expect_ids = [[EOS, 0, 0, 0, 0, 0], [21, 22, EOS, 0, 0, 0], [31, 30, 31, 30, 31, 30], [41, EOS2, 0, 0, 0, 0]]
+    expect_ids = [
+        [EOS, 0, 0, 0, 0, 0],
+        [21, 22, EOS, 0, 0, 0],
+        [31, 30, 31, 30, 31, 30],
+        [41, EOS2, 0, 0, 0, 0],
+    ]
     expect_len = [1, 3, 6, 2]
     for i in range(8):
         assert r.completion_ids[i].tolist() == expect_ids[i // 2]
@@ -286,7 +308,9 @@ def test_min_p_matches_numpy(z, min_p):
 
 @given(logit_rows, st.floats(0.2, 5.0), st.data())
 def test_repetition_penalty_matches_numpy(z, theta, data):
-    seen = np.array(data.draw(st.lists(st.booleans(), min_size=z.size, max_size=z.size))).reshape(z.shape)
+    seen = np.array(data.draw(st.lists(st.booleans(), min_size=z.size, max_size=z.size))).reshape(
+        z.shape
+    )
     expect = np.where(seen, np.where(z < 0, z * theta, z / theta), z)
     got = apply_repetition_penalty(mx.array(z), mx.array(seen), penalty=theta)
     np.testing.assert_allclose(np.array(got), expect, rtol=1e-6)
@@ -347,7 +371,9 @@ def test_compaction_matches_full_batch_greedy(model_tok, prompts, monkeypatch):
     model, _ = model_tok
     # EOS ids taken from two prompts' greedy completions, so rows finish at different steps
     # and after 8 steps at most a third of the rows is live.
-    probe = _run(model, prompts, group_size=1, max_tokens=24, temperature=0.0).completion_ids.tolist()
+    probe = _run(
+        model, prompts, group_size=1, max_tokens=24, temperature=0.0
+    ).completion_ids.tolist()
     eos = (probe[0][1], probe[1][0])
     assume_never = not set(eos) & set(probe[2])
     assert assume_never, "pick other prompts: the third row would end too"
@@ -357,7 +383,7 @@ def test_compaction_matches_full_batch_greedy(model_tok, prompts, monkeypatch):
     full = _run(model, prompts, **kw)
     lengths = compacted.completion_lengths.tolist()
     assert len(set(lengths)) == 3 and max(lengths) == 24
-    for x, y in zip(compacted, full):
+    for x, y in zip(compacted, full, strict=True):
         np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
 
 

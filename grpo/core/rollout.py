@@ -136,7 +136,9 @@ def rollout(
 
 def _check_prompts(prompts, model) -> list[int]:
     if not isinstance(prompts, list | tuple) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}")
+        raise ValueError(
+            f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}"
+        )
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompts must all be non-empty, got lengths {lengths}")
@@ -168,11 +170,15 @@ def _round_up(n: int, k: int) -> int:
 def _prefill(model, prompts, lengths):
     P = _round_up(max(lengths), PROMPT_BUCKET)
     left = [P - n for n in lengths]
-    ids = mx.array([[0] * pad + list(p) for pad, p in zip(left, prompts)], dtype=mx.int32)
+    ids = mx.array(
+        [[0] * pad + list(p) for pad, p in zip(left, prompts, strict=True)], dtype=mx.int32
+    )
     cache = []
     for c in make_prompt_cache(model):
         if type(c) is not KVCache:
-            raise ValueError(f"rollout needs a model whose cache is KVCache per layer, got {type(c).__name__}")
+            raise ValueError(
+                f"rollout needs a model whose cache is KVCache per layer, got {type(c).__name__}"
+            )
         cache.append(BatchKVCache(left))
     # Chunks bound activation memory; only the cache is evaluated, so the lm_head never
     # runs on prompt positions (lazy graph), and the last token alone yields logits.
@@ -245,7 +251,10 @@ def _make_step(model_ref, sampling):
         TRACES[0] += 1
         model = model_ref()
         model.update(params)
-        cache = [FixedBatchKVCache(k, v, state.left_padding, pos) for k, v in zip(state.keys, state.values)]
+        cache = [
+            FixedBatchKVCache(k, v, state.left_padding, pos)
+            for k, v in zip(state.keys, state.values, strict=True)
+        ]
         logits = model(state.tokens[:, None], cache=cache)[:, -1, :]
         tokens, logprobs = sample(logits, state.seen, key)
         state = _advance(state, tokens, sampling)
@@ -260,7 +269,9 @@ def _advance(state: DecodeState, tokens: mx.array, sampling: SamplingConfig) -> 
     if sampling.repetition_penalty != 1.0:
         seen = mx.put_along_axis(seen, tokens[:, None], mx.array(True), axis=-1)
     recent = mx.concatenate([state.recent[:, 1:], tokens[:, None]], axis=1)
-    ends = end_flags(recent, eos_ids=sampling.eos_ids, stop_sequences=sampling.stop_sequences)[:, -1]
+    ends = end_flags(recent, eos_ids=sampling.eos_ids, stop_sequences=sampling.stop_sequences)[
+        :, -1
+    ]
     return state._replace(tokens=tokens, seen=seen, recent=recent, ended=state.ended | ends)
 
 
@@ -307,7 +318,9 @@ def _grow(state: DecodeState, pos: int) -> DecodeState:
     if pos < C:
         return state
     pad = [(0, 0), (0, 0), (0, KV_BUCKET), (0, 0)]
-    return state._replace(keys=[mx.pad(k, pad) for k in state.keys], values=[mx.pad(v, pad) for v in state.values])
+    return state._replace(
+        keys=[mx.pad(k, pad) for k in state.keys], values=[mx.pad(v, pad) for v in state.values]
+    )
 
 
 def _compact(state: DecodeState, rows: np.ndarray, ended: np.ndarray):
@@ -342,7 +355,9 @@ class _Segments:
 
     def cut(self, new_rows):
         if self.toks:
-            self.parts.append((self.rows, self.steps, mx.stack(self.toks, 1), mx.stack(self.lps, 1)))
+            self.parts.append(
+                (self.rows, self.steps, mx.stack(self.toks, 1), mx.stack(self.lps, 1))
+            )
             self.steps += len(self.toks)
         self.rows, self.toks, self.lps = new_rows, [], []
 

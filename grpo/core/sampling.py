@@ -65,7 +65,9 @@ def _check_ids(name: str):
         if any(t < 0 for t in flat):
             raise ValueError(f"SamplingConfig.{name} must hold token ids >= 0, got {value!r}")
         if name == "stop_sequences" and any(len(s) == 0 for s in value):
-            raise ValueError(f"SamplingConfig.stop_sequences must not hold an empty sequence, got {value!r}")
+            raise ValueError(
+                f"SamplingConfig.stop_sequences must not hold an empty sequence, got {value!r}"
+            )
 
     return check
 
@@ -93,11 +95,15 @@ class SamplingConfig:
     group_size: int = attrs.field(default=8, validator=_positive_int("group_size"))
     max_tokens: int = attrs.field(default=256, validator=_positive_int("max_tokens"))
     temperature: float = attrs.field(default=1.0, converter=float, validator=_check_temperature)
-    top_p: float = attrs.field(default=1.0, converter=float, validator=_in_range("top_p", 0.0, 1.0, lo_open=True))
+    top_p: float = attrs.field(
+        default=1.0, converter=float, validator=_in_range("top_p", 0.0, 1.0, lo_open=True)
+    )
     top_k: int = attrs.field(default=0, validator=_check_top_k)
     min_p: float = attrs.field(default=0.0, converter=float, validator=_in_range("min_p", 0.0, 1.0))
     repetition_penalty: float = attrs.field(default=1.0, converter=float, validator=_check_penalty)
-    eos_ids: tuple[int, ...] = attrs.field(default=(), converter=_token_tuple, validator=_check_ids("eos_ids"))
+    eos_ids: tuple[int, ...] = attrs.field(
+        default=(), converter=_token_tuple, validator=_check_ids("eos_ids")
+    )
     stop_sequences: tuple[tuple[int, ...], ...] = attrs.field(
         default=(), converter=_stop_tuple, validator=_check_ids("stop_sequences")
     )
@@ -195,7 +201,9 @@ def make_transform(cfg: SamplingConfig) -> Transform:
     """
     steps: list[Callable[[mx.array, mx.array], mx.array]] = []
     if cfg.repetition_penalty != 1.0:
-        steps.append(lambda z, seen: apply_repetition_penalty(z, seen, penalty=cfg.repetition_penalty))
+        steps.append(
+            lambda z, seen: apply_repetition_penalty(z, seen, penalty=cfg.repetition_penalty)
+        )
     if not cfg.greedy:
         if cfg.temperature != 1.0:
             steps.append(lambda z, _: apply_temperature(z, temperature=cfg.temperature))
@@ -214,7 +222,9 @@ def make_transform(cfg: SamplingConfig) -> Transform:
     return transform
 
 
-def make_sample_fn(cfg: SamplingConfig) -> Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]:
+def make_sample_fn(
+    cfg: SamplingConfig,
+) -> Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]:
     """``(logits [N, V], seen [N, V], key) -> (tokens [N] int32, logprobs [N] float32)``.
 
     Tokens are drawn from ``softmax(transform(logits))`` with ``key`` (argmax when
