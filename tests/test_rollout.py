@@ -408,3 +408,39 @@ def test_chunked_prefill_matches_single_call(model_tok, prompts, monkeypatch):
     chunked = _run(model, prompts, key=4, group_size=2, max_tokens=10)
     assert one.completion_ids.tolist() == chunked.completion_ids.tolist()
     np.testing.assert_allclose(np.array(one.logprobs), np.array(chunked.logprobs), atol=1e-5)
+
+
+# ---- end detection vs a Python loop ---------------------------------------------------
+
+token_rows = st.integers(1, 4).flatmap(
+    lambda n: st.integers(1, 9).flatmap(
+        lambda t: st.lists(
+            st.lists(st.integers(0, 5), min_size=t, max_size=t), min_size=n, max_size=n
+        )
+    )
+)
+
+
+@given(
+    token_rows,
+    st.lists(st.integers(0, 5), max_size=2),
+    st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=3), max_size=2),
+)
+def test_end_flags_and_mask_match_python(rows, eos, stops):
+    from grpo.core.rollout import completion_mask, end_flags
+
+    def first_end(row):
+        for t in range(len(row)):
+            if row[t] in eos or any(
+                t + 1 >= len(s) and row[t + 1 - len(s) : t + 1] == s for s in stops
+            ):
+                return t
+        return None
+
+    ends = end_flags(mx.array(rows), eos_ids=tuple(eos), stop_sequences=tuple(map(tuple, stops)))
+    mask = np.array(completion_mask(ends))
+    for row, m, e in zip(rows, mask, np.array(ends), strict=True):
+        t = first_end(row)
+        n = len(row) if t is None else t + 1
+        assert m.tolist() == [1.0] * n + [0.0] * (len(row) - n)
+        assert e.any() == (t is not None)
