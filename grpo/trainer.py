@@ -511,6 +511,8 @@ class GRPOTrainer:
         """
         args = self.args
         writer = main_only(self.group, MetricsWriter, args.output_dir)
+        if is_main_process(self.group):
+            ckpt.clean_partial_saves(args.output_dir)  # a killed run's half-written saves
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             writer.truncate_after(self.global_step)

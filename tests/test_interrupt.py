@@ -315,3 +315,26 @@ def test_grpo_train_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_pat
         done.stderr.strip() == f"error: --resume_from_checkpoint: checkpoint not found: {missing}"
     )
     assert not list_checkpoints(tmp_path / "run")  # never a silent fresh start
+
+
+def test_a_killed_runs_half_written_saves_are_cleaned_or_restored(tiny_model_dir, tmp_path):
+    first = _trainer(tiny_model_dir, tmp_path, max_steps=2, save_steps=2)
+    first.train()
+    # What SIGKILL can leave behind: checkpoint-2 mid-replacement (only the .old copy
+    # exists), an unfinished save, an unfinished rotation, a half-saved adapters file.
+    os.replace(tmp_path / "checkpoint-2", tmp_path / ".old-checkpoint-2-77")
+    (tmp_path / ".tmp-checkpoint-3-abc").mkdir()
+    (tmp_path / ".tmp-checkpoint-3-abc" / "adapters.safetensors").write_bytes(b"half")
+    (tmp_path / ".del-checkpoint-1-99").mkdir()
+    (tmp_path / ".tmp-123-adapters.safetensors").write_bytes(b"half")
+    (tmp_path / "notes.txt").write_text("the user's own file stays")
+    resumed = _trainer(tiny_model_dir, tmp_path, max_steps=3, save_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.global_step == 3
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in names if n.startswith(".")], names
+    assert {"checkpoint-2", "checkpoint-3", "notes.txt"} <= set(names)
+    _assert_same(
+        _flat(load_checkpoint(tmp_path / "checkpoint-2", first.state)[0].params),
+        _flat(first.state.params),
+    )

@@ -249,6 +249,38 @@ def latest_checkpoint(output_dir: str | Path) -> Path:
     return found[-1]
 
 
+def clean_partial_saves(output_dir: str | Path) -> list[Path]:
+    """Remove what a process killed while saving or rotating left in ``output_dir``.
+
+    ``.tmp-checkpoint-*`` (an unfinished save), ``.del-checkpoint-*`` (an unfinished
+    rotation) and ``save_adapters``' temporary files are deleted; ``.old-checkpoint-N-*`` (killed while replacing ``checkpoint-N``)
+    is renamed back when ``checkpoint-N`` is missing, else deleted. Call it only when no
+    other process writes to ``output_dir``.
+
+    Returns:
+        The paths deleted or restored.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    touched = []
+    for p in sorted(output_dir.iterdir()):
+        if p.is_file() and re.match(rf"^\.tmp-\d+-({ADAPTERS}|{ADAPTER_CONFIG})$", p.name):
+            p.unlink()  # save_adapters killed before its rename
+            touched.append(p)
+            continue
+        m = re.match(r"^\.(tmp|del|old)-(checkpoint-\d+)-", p.name)
+        if not m or not p.is_dir():
+            continue
+        final = output_dir / m.group(2)
+        if m.group(1) == "old" and not final.exists():
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        touched.append(p)
+    return touched
+
+
 def rotate_checkpoints(output_dir: str | Path, *, keep: int | None) -> list[Path]:
     """Delete the oldest checkpoints so at most ``keep`` remain; returns the deleted ones."""
     if keep is None:
