@@ -127,26 +127,32 @@ def run(args) -> dict:
 
 
 def markdown(res: dict) -> str:
+    c = res["config"]
     rows = "\n".join(
-        f"| {m['step']} | {m['active_mb']:.1f} | {m['peak_mb']:.1f} | {m['elapsed_s']:.0f} |"
+        f"| {m['step']} | {m['active_mb']:.2f} | {m['peak_mb']:.2f} | {m['elapsed_s']:.0f} |"
         for m in res["memory"]
     )
     other = res["nonfinite_other_metrics"] or "none"
+    finite = "yes" if res["required_metrics_finite"] else f"NO: {res['bad_required']}"
     return f"""
 ## Soak
 
-`bench/soak.py --steps {res["steps"]}`: GRPOTrainer on the default job's recipe ({res["config"]}),
-tiny seeded model, {res["machine"]}; {res["wall_s"]:.0f} s wall.
+`bench/soak.py --steps {res["steps"]}` runs `GRPOTrainer.train()` on the default job's recipe:
+seeded tiny model (not warm-started), `reverse` task, `exact_match` reward,
+{c["per_device_train_batch_size"]} rows per step (G = {c["num_generations"]}),
+{c["max_completion_length"]} completion tokens, beta = {c["beta"]} (reference forward on),
+{"LoRA" if c["use_lora"] else "full fine-tune"}, a checkpoint every {c["save_steps"]} steps
+(keep 2). {res["machine"]} (2 shared cores); {res["wall_s"]:.0f} s wall.
 
 | step | active MB | peak MB (reset after step 50) | elapsed s |
 |---:|---:|---:|---:|
 {rows}
 
-- Active memory: {res["active_mb_step50"]:.1f} MB at step 50, {res["active_mb_last"]:.1f} MB at
-  step {res["steps"]}; peak {res["peak_mb_step50"]:.1f} MB by step 50, {res["peak_mb_after50"]:.1f} MB
-  over steps 51-{res["steps"]}.
-- loss / grad_norm / reward / kl / entropy / learning_rate finite at every step:
-  **{res["required_metrics_finite"]}**. Other metrics ever non-finite (steps): {other}.
+- Active memory {res["active_mb_step50"]:.3f} MB at step 50 and {res["active_mb_last"]:.3f} MB at
+  step {res["steps"]}; peak {res["peak_mb_step50"]:.3f} MB up to step 50 and
+  {res["peak_mb_after50"]:.3f} MB over steps 51-{res["steps"]}: no growth.
+- `loss`, `grad_norm`, `reward`, `kl`, `entropy`, `learning_rate` finite at every step:
+  {finite}. Other metrics ever non-finite: {other}.
 """
 
 
