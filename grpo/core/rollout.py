@@ -27,7 +27,7 @@ from grpo.core.sampling import SamplingConfig, make_sample_fn
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this
 PREFILL_CHUNK = 512  # prompt tokens per prefill call
-KV_BUCKET = 64  # the KV buffer grows by this many columns at a time
+KV_BUCKET = 32  # the KV buffer grows by this many columns at a time
 CHECK_EVERY = 8  # decode steps between host checks for finished rows
 FILTER_FRACTION = 0.5  # compact the batch once at most this fraction of rows is live
 
