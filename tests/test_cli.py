@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import attrs
 import pytest
@@ -248,3 +249,15 @@ def test_default_job_smoke(tmp_path):
     assert "cached" in proc.stdout
     value = float(proc.stdout.split("eval_rewards/exact_match/mean:")[1].split()[0])
     assert 0.0 <= value <= 1.0
+
+
+# -- docs stay in step with the code ----------------------------------------------------------
+
+
+def test_api_doc_lists_every_export_and_config_field():
+    import grpo
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    missing = [n for n in grpo.__all__ if n != "__version__" and f"`{n}" not in text]
+    missing += [f.name for f in attrs.fields(GRPOConfig) if f"| `{f.name}` |" not in text]
+    assert not missing, f"docs/api.md lacks {missing}"
