@@ -41,9 +41,10 @@ _EXPORTS = {
     "grpo.io.model": ["load_model", "prepare_policy"],
     "grpo.io.checkpoint": ["save_checkpoint", "load_checkpoint", "CheckpointError"],
     "grpo.io.tiny": ["build_tiny_model"],
+    "grpo.io.signals": ["TrainingInterrupted", "InterruptGuard"],
     "grpo.io.dist": ["init_distributed", "is_main_process", "main_only", "fail_fast"],
     "grpo.config": ["GRPOConfig"],
-    "grpo.trainer": ["GRPOTrainer"],
+    "grpo.trainer": ["GRPOTrainer", "NonFiniteError"],
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE) + ["blas_info", "__version__"]
