@@ -52,6 +52,79 @@ def _unknown_flags(parser: argparse.ArgumentParser, words: list[str]) -> str:
 
 # -- GRPOConfig fields as typed flags -------------------------------------------------------
 
+# One line per GRPOConfig field for `grpo train --help` and docs/api.md (a test checks that
+# every field has one).
+FIELD_HELP: dict[str, str] = {
+    "use_lora": "Train LoRA adapters (mlx-lm `linear_to_lora_layers`) instead of every weight.",
+    "lora_rank": "LoRA rank `r`.",
+    "lora_alpha": "LoRA alpha; the adapter scale is `lora_alpha / lora_rank`.",
+    "lora_dropout": "Dropout on the LoRA input (0 keeps rollout, reference and policy forwards identical).",
+    "lora_num_layers": "Adapt only the last N transformer layers (`None`: all).",
+    "lora_target_modules": "Module names to adapt (`None`: mlx-lm's defaults for the architecture).",
+    "quantize_bits": "Quantise the frozen base model at load (QLoRA); needs `use_lora=True`.",
+    "quantize_group_size": "Group size of that quantisation (32, 64 or 128).",
+    "trust_remote_code": "Allow tokenizers that ship custom code from the Hub.",
+    "max_prompt_length": "Prompts longer than this keep their last tokens (`None`: no limit).",
+    "shuffle_dataset": "Shuffle the training prompts (seeded by `seed`).",
+    "pad_to_multiple_of": "Pad prompt/completion lengths to a multiple of this (`None`: next power of two).",
+    "num_generations": "`G`, completions sampled per prompt (>= 2).",
+    "max_completion_length": "Maximum completion tokens; longer completions are truncated.",
+    "generation_batch_size": "Completions per generation batch (default `per_device_train_batch_size * steps_per_generation`).",
+    "steps_per_generation": "Micro-batches per generation batch (default `gradient_accumulation_steps`).",
+    "temperature": "Sampling temperature; log-probs are taken at the same temperature.",
+    "top_p": "Nucleus sampling mass (1.0 = off).",
+    "top_k": "Keep the k most likely tokens (0 = off).",
+    "min_p": "Drop tokens below `min_p` times the top probability (`None` = off).",
+    "repetition_penalty": "CTRL repetition penalty over prompt and completion (1.0 = off).",
+    "beta": "KL coefficient against the reference model (0 = no reference, no KL term).",
+    "num_iterations": "Passes over each generation batch (`mu` in the GRPO paper).",
+    "epsilon": "Lower clip of the importance ratio, `1 - epsilon`.",
+    "epsilon_high": "Upper clip `1 + epsilon_high` (`None`: `epsilon`; DAPO uses 0.28). For `cispo` the ratio cap.",
+    "delta": "Two-sided clipping: upper bound on the unclipped ratio (`None` = off; must be > 1).",
+    "importance_sampling_level": "`token` ratios, or `sequence` (GSPO) ratios.",
+    "reward_weights": "Weight of each reward function (`None`: all 1).",
+    "multi_objective_aggregation": "`sum_then_normalize` (GRPO) or `normalize_then_sum` (GDPO).",
+    "scale_rewards": "Divide advantages by the `group` std, the `batch` std, or not at all (`none`, Dr. GRPO).",
+    "loss_type": "Loss normalisation / surrogate: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo.",
+    "mask_truncated_completions": "Exclude completions that hit `max_completion_length` from the loss (DAPO).",
+    "top_entropy_quantile": "Train only on the top fraction of tokens by entropy (1.0 = all).",
+    "use_bias_correction_kl": "Multiply the k3 KL by the importance ratio.",
+    "off_policy_mask_threshold": "Drop negative-advantage sequences whose policy drifted more than this (`None` = off).",
+    "entropy_coef": "Coefficient of an entropy bonus (0 = off).",
+    "sapo_temperature_neg": "SAPO gate temperature for non-positive advantages.",
+    "sapo_temperature_pos": "SAPO gate temperature for positive advantages.",
+    "vespo_k_pos": "VESPO Gamma-weight shape for positive advantages.",
+    "vespo_lambda_pos": "VESPO Gamma-weight rate for positive advantages.",
+    "vespo_k_neg": "VESPO Gamma-weight shape for negative advantages.",
+    "vespo_lambda_neg": "VESPO Gamma-weight rate for negative advantages.",
+    "learning_rate": "Peak learning rate.",
+    "lr_scheduler_type": "`linear`, `cosine`, `constant` or `constant_with_warmup`.",
+    "warmup_ratio": "Fraction of steps for linear warmup (used when `warmup_steps` is 0).",
+    "warmup_steps": "Steps of linear warmup.",
+    "weight_decay": "Decoupled weight decay (AdamW).",
+    "optim": "`adamw`, `adam` or `sgd`.",
+    "adam_beta1": "Adam beta1.",
+    "adam_beta2": "Adam beta2.",
+    "adam_epsilon": "Adam epsilon.",
+    "max_grad_norm": "Clip the global gradient norm to this (0 = off).",
+    "per_device_train_batch_size": "Completions (rows) per micro-batch.",
+    "gradient_accumulation_steps": "Micro-batches per optimizer step.",
+    "max_steps": "Optimizer steps to run (-1: derive from `num_train_epochs`).",
+    "num_train_epochs": "Epochs over the prompts when `max_steps` is -1.",
+    "seed": "Seeds LoRA init, prompt order and sampling.",
+    "output_dir": "Where metrics, checkpoints and the trained weights go.",
+    "logging_steps": "Write a `metrics.jsonl` record every N optimizer steps.",
+    "save_steps": "Checkpoint every N optimizer steps (at generation-batch boundaries).",
+    "save_total_limit": "Keep at most N checkpoints (`None`: all).",
+    "eval_steps": "Evaluate on `eval_dataset` every N steps (`None`: never).",
+    "per_device_eval_batch_size": "Completions per evaluation chunk.",
+    "num_generations_eval": "Completions per prompt at evaluation (`None`: `num_generations`).",
+    "log_completions": "Print a table of prompts, completions, rewards and advantages at each log.",
+    "num_completions_to_print": "Rows of that table (`None`: all).",
+    "disable_tqdm": "Hide the progress bar.",
+    "report_to": "Accepted for TRL compatibility; metrics always go to `metrics.jsonl`.",
+}
+
 
 def config_fields() -> list[tuple[str, Any, Any]]:
     """``(name, type, default)`` of every :class:`GRPOConfig` field, in declaration order."""
@@ -149,7 +222,6 @@ def add_config_flags(parser: argparse.ArgumentParser, *, job_defaults: dict) -> 
         "GRPOConfig fields (TRL names; these override --config, which overrides the defaults)"
     )
     for name, tp, default in config_fields():
-        strings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         shown = default if not isinstance(default, tuple) else ",".join(map(str, default))
         extra = f"; default job: {job_defaults[name]}" if name in job_defaults else ""
         kwargs: dict[str, Any] = dict(
@@ -157,11 +229,13 @@ def add_config_flags(parser: argparse.ArgumentParser, *, job_defaults: dict) -> 
             default=argparse.SUPPRESS,
             type=_flag_type(name, tp),
             metavar=type_name(tp).upper().replace(" ", "_") if tp is not bool else "BOOL",
-            help=f"default: {shown}{extra}",
         )
         if tp is bool:
             kwargs.update(nargs="?", const=True)
-        group.add_argument(*strings, **kwargs)
+        help_text = f"{FIELD_HELP.get(name, '')} (default: {shown}{extra})".strip()
+        group.add_argument(f"--{name}", help=help_text, **kwargs)
+        if "_" in name:  # --learning-rate also works, without cluttering --help
+            group.add_argument(f"--{name.replace('_', '-')}", help=argparse.SUPPRESS, **kwargs)
 
 
 # -- parser ------------------------------------------------------------------------------------

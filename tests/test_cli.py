@@ -261,3 +261,9 @@ def test_api_doc_lists_every_export_and_config_field():
     missing = [n for n in grpo.__all__ if n != "__version__" and f"`{n}" not in text]
     missing += [f.name for f in attrs.fields(GRPOConfig) if f"| `{f.name}` |" not in text]
     assert not missing, f"docs/api.md lacks {missing}"
+
+
+def test_every_grpoconfig_field_has_help_text():
+    missing = [f.name for f in attrs.fields(GRPOConfig) if not cli.FIELD_HELP.get(f.name)]
+    assert not missing, f"add a line to grpo.cli.FIELD_HELP for {missing}"
+    assert set(cli.FIELD_HELP) <= {f.name for f in attrs.fields(GRPOConfig)}
