@@ -180,3 +180,18 @@ def test_ensure_model_builds_once_then_reuses(tmp_path):
     w1 = mx.load(str(path / "model.safetensors"))
     assert set(w0) == set(w1)
     assert any(not mx.array_equal(w0[k], w1[k]).item() for k in w0)
+
+
+def test_model_key_changes_with_anything_the_weights_depend_on(monkeypatch):
+    import attrs
+
+    import grpo.tasks
+
+    base = default_job.model_key()
+    assert default_job.model_key(seed=1) != base
+    assert default_job.model_key(size="tiny") != base
+    assert default_job.model_key(task="sort") != base
+    assert default_job.model_key(warm_start=default_job.evolve_warm_start(steps=7)) != base
+    longer = attrs.evolve(grpo.tasks.TASKS["reverse"], max_len=6)
+    monkeypatch.setitem(grpo.tasks.TASKS, "reverse", longer)
+    assert default_job.model_key() != base

@@ -14,6 +14,8 @@ concurrent build never leaves a half-written model behind).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -70,11 +72,20 @@ def model_key(
     seed: int = MODEL_SEED,
     warm_start: WarmStartConfig = WARM_START,
 ) -> str:
-    """Directory name naming everything the cached weights depend on."""
+    """Directory name naming everything the cached weights depend on.
+
+    Besides the readable parts, a short hash of the model config and the task's definition
+    makes a cache entry stale when either changes under the same package version.
+    """
+    from grpo.io.tiny import model_config
+
+    t = get_task(task)
+    spec = [model_config(size), t.verb, t.transform.__name__, t.min_len, t.max_len, t.alphabet]
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     ws = warm_start
     return (
         f"v{grpo.__version__}-{task}-{size}-seed{seed}"
-        f"-ws{ws.steps}x{ws.batch_size}-lr{ws.learning_rate:g}-s{ws.seed}"
+        f"-ws{ws.steps}x{ws.batch_size}-lr{ws.learning_rate:g}-s{ws.seed}-{digest}"
     )
 
 
