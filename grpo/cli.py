@@ -64,6 +64,7 @@ FIELD_HELP: dict[str, str] = {
     "quantize_bits": "Quantise the frozen base model at load (QLoRA); needs `use_lora=True`.",
     "quantize_group_size": "Group size of that quantisation (32, 64 or 128).",
     "trust_remote_code": "Allow tokenizers that ship custom code from the Hub.",
+    "gradient_checkpointing": "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).",
     "max_prompt_length": "Prompts longer than this keep their last tokens (`None`: no limit).",
     "shuffle_dataset": "Shuffle the training prompts (seeded by `seed`).",
     "pad_to_multiple_of": "Pad prompt/completion lengths to a multiple of this (`None`: next power of two).",

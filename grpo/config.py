@@ -76,6 +76,9 @@ class GRPOConfig:
           (TRL lets one accumulation window span two generation batches).
         - ``quantize_bits`` / ``quantize_group_size`` (new): quantize the base model at load
           for QLoRA (TRL: ``load_in_4bit`` through bitsandbytes).
+        - ``gradient_checkpointing=False`` (TRL: ``True``): recomputing every transformer
+          block in the backward pass costs about one more forward; turn it on when the
+          activations of long completions do not fit (docs/benchmarks.md has the trade).
         - No vLLM, DeepSpeed, tool calling, adaptive entropy or multimodal fields.
     """
 
@@ -91,6 +94,7 @@ class GRPOConfig:
     quantize_bits: int | None = None
     quantize_group_size: int = 64
     trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
 
     # -- data ----------------------------------------------------------------------------
     max_prompt_length: int | None = 512

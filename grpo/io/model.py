@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from grpo.core.loss import lora_reference_params
+from grpo.io.fast_attention import install_block_attention
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 
@@ -151,6 +152,39 @@ def frozen_copy(params: Any) -> Any:
     return copy
 
 
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed(cls: type) -> type:
+    if cls not in _CHECKPOINTED:
+
+        def __call__(self, *args, **kwargs):
+            # Rollout (eval mode, KV caches) and the reference forward run the plain block;
+            # only the training forward, the one that is differentiated, recomputes.
+            if not self.training:
+                return cls.__call__(self, *args, **kwargs)
+
+            def block(params, *args, **kwargs):
+                self.update(params)
+                return cls.__call__(self, *args, **kwargs)
+
+            return mx.checkpoint(block)(self.trainable_parameters(), *args, **kwargs)
+
+        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+    return _CHECKPOINTED[cls]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass (``mx.checkpoint``).
+
+    Only ``model.layers``' instances change class (to a subclass whose ``__call__`` is
+    checkpointed in train mode), so other models of the same architecture are unaffected.
+    """
+    for layer in model.layers:
+        if type(layer) not in _CHECKPOINTED.values():
+            layer.__class__ = _checkpointed(type(layer))
+
+
 def prepare_policy(model: nn.Module, cfg: Any, *, key: mx.array, base: str | None = None) -> Policy:
     """Set ``model`` up for training under ``cfg`` (LoRA, QLoRA or full fine-tune).
 
@@ -167,6 +201,10 @@ def prepare_policy(model: nn.Module, cfg: Any, *, key: mx.array, base: str | Non
                 "set quantize_bits=None to train LoRA on it as is"
             )
         quantize(model, bits=cfg.quantize_bits, group_size=cfg.quantize_group_size)
+    # Exact (masked scores contribute 0) and ~20% less CPU per loss forward on this backend.
+    install_block_attention(model)
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
     if not cfg.use_lora:
         if is_quantized(model):
             raise ValueError(
