@@ -417,40 +417,41 @@ def _check_local(value: str, what: str) -> None:
         raise UsageError(f"--{what}: no such file or directory: {value}")
 
 
+def _dataset_and_reward(dataset, reward) -> tuple[str, str | None, str]:
+    """``(dataset, built-in task name or None, reward spec)`` with the defaults filled in."""
+    from grpo.tasks import DEFAULT_TASK, TASKS
+
+    dataset = DEFAULT_TASK if dataset is None else dataset
+    is_task = isinstance(dataset, str) and dataset in TASKS and not Path(dataset).exists()
+    if not is_task:
+        _check_local(str(dataset), "dataset")
+    if reward is None:
+        if not is_task:
+            raise UsageError(
+                f"--reward is required for --dataset {dataset} (e.g. --reward answer_match "
+                "or --reward my_module:my_reward)"
+            )
+        reward = "exact_match"
+    return dataset, dataset if is_task else None, reward
+
+
 class Run:
     """Everything ``train`` / ``eval`` needs, resolved from flags, YAML and defaults."""
 
     def __init__(self, args: argparse.Namespace, *, command: str):
         from grpo.io import default_job
-        from grpo.tasks import DEFAULT_TASK, TASKS
 
         file_cfg, file_run = ({}, {})
         if args.config:
             file_cfg, file_run = yaml_overrides(load_yaml(args.config), args.config)
         pick = lambda name: getattr(args, name, None) or file_run.get(name)  # noqa: E731
-        self.model, self.dataset, self.reward = pick("model"), pick("dataset"), pick("reward")
-        self.adapter_path = pick("adapter_path")
+        self.model, self.adapter_path = pick("model"), pick("adapter_path")
         self.default_model = self.model is None
-        dataset = self.dataset if self.dataset is not None else DEFAULT_TASK
-        self.task = (
-            dataset
-            if isinstance(dataset, str) and dataset in TASKS and not Path(dataset).exists()
-            else None
-        )
-        if self.task is None:
-            _check_local(str(dataset), "dataset")
-        if self.reward is None:
-            if self.task is None:
-                raise UsageError(
-                    f"--reward is required for --dataset {dataset} (e.g. --reward answer_match "
-                    "or --reward my_module:my_reward)"
-                )
-            self.reward = "exact_match"
+        self.dataset, self.task, self.reward = _dataset_and_reward(pick("dataset"), pick("reward"))
         if self.model is not None:
             _check_local(str(self.model), "model")
         if self.adapter_path is not None and not Path(self.adapter_path).expanduser().is_dir():
             raise UsageError(f"--adapter_path: no such directory: {self.adapter_path}")
-        self.dataset = dataset
         base = dict(default_job.DEFAULT_TRAIN_ARGS) if self.default_model else {}
         if command == "eval" and self.default_model:
             base["per_device_eval_batch_size"] = 64
