@@ -52,6 +52,7 @@ import mlx_lm
 # isort: on
 import grpo.trainer as trainer_mod
 from grpo.config import GRPOConfig
+from grpo.io.fast_attention import install_block_attention
 from grpo.io.tiny import build_tiny_model
 from grpo.trainer import GRPOTrainer
 
@@ -167,7 +168,9 @@ def load_model(path: Path):
     return model, tok
 
 
-def run_cell(model_dir: Path, *, size, B, T, mode, steps, warmup, extra=None, tmp) -> dict:
+def run_cell(
+    model_dir: Path, *, size, B, T, mode, steps, warmup, extra=None, tmp, attention_block=None
+) -> dict:
     """Train ``warmup + steps`` steps; medians over the last ``steps``."""
     model, tok = load_model(model_dir)
     out = os.path.join(tmp, f"out-{size}-{B}-{T}-{mode}")
@@ -176,6 +179,8 @@ def run_cell(model_dir: Path, *, size, B, T, mode, steps, warmup, extra=None, tm
                      processing_class=tok, group=None)  # fmt: skip
     # Fixed-length completions: no EOS, so every step samples exactly T tokens per row.
     tr.sampling = attrs.evolve(tr.sampling, eos_ids=(), stop_sequences=())
+    if attention_block is not None:
+        install_block_attention(tr.model, block=attention_block or None)
     probe = Probe(tr)
     probe.reset_peak_at = warmup
     load_before = os.getloadavg()[0]
@@ -207,10 +212,42 @@ def run_cell(model_dir: Path, *, size, B, T, mode, steps, warmup, extra=None, tm
         "load_before": load_before,
         "load_after": load_after,
         "extra": extra or {},
+        "attention_block": attention_block,
     }
     del tr, model
     mx.clear_cache()
     return result
+
+
+def logprob_memory(V: int, *, N: int = 8, T: int = 256, dtype=mx.bfloat16) -> dict:
+    """Peak memory of log-probs (+ backward) from ``[N, T, V]`` logits, chunked vs not.
+
+    The logits are allocated and evaluated first; the figure is the peak *above* them, i.e.
+    the temporaries of the log-prob path (a float32 ``[N, T, V]`` copy is ``4 N T V`` bytes).
+    """
+    from grpo.core.logprobs import token_logprobs
+
+    out = {"V": V, "N": N, "T": T, "dtype": str(dtype), "f32_NTV_mb": 4 * N * T * V / 2**20}
+    for name, chunk in (("chunked", None), ("unchunked", N * T * V + 1)):
+        logits = (mx.random.normal((N, T, V), key=mx.random.key(0)) * 3).astype(dtype)
+        tokens = mx.random.randint(0, V, (N, T), key=mx.random.key(1))
+        mx.eval(logits, tokens)
+        kwargs = {} if chunk is None else {"max_chunk_elements": chunk}
+
+        def loss(z, kwargs=kwargs, tokens=tokens):
+            return token_logprobs(z, tokens, **kwargs).sum()
+
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        tic = time.perf_counter()
+        mx.eval(mx.value_and_grad(loss)(logits))
+        out[f"{name}_s"] = time.perf_counter() - tic
+        # The gradient itself is one [N, T, V] array in the logits' dtype; count it apart.
+        out[f"{name}_peak_above_logits_mb"] = (mx.get_peak_memory() - base) / 2**20
+        del logits, tokens
+        mx.clear_cache()
+    out["grad_mb"] = N * T * V * (2 if dtype == mx.bfloat16 else 4) / 2**20
+    return out
 
 
 def _flat(tree):
@@ -289,11 +326,32 @@ def main(argv=None):
         action="store_true",
         help="set GRPOConfig.gradient_checkpointing=True (if this build has it)",
     )
+    ap.add_argument(
+        "--attention-block",
+        type=int,
+        default=None,
+        help="block-causal attention rows (0: mlx-lm's plain attention; default: "
+        "what prepare_policy installs)",
+    )
+    ap.add_argument(
+        "--logprob-memory",
+        nargs="*",
+        type=int,
+        metavar="V",
+        help="only measure the log-prob path's peak memory at these vocab sizes",
+    )
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--markdown", help="append a markdown table to this file")
     ap.add_argument("--title", default="Step breakdown (bench/step.py)")
     args = ap.parse_args(argv)
 
+    if args.logprob_memory is not None:
+        rows = [logprob_memory(V) for V in (args.logprob_memory or [32768, 131072])]
+        for r in rows:
+            print(json.dumps(r))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return rows
     extra = {}
     if args.gradient_checkpointing:
         if "gradient_checkpointing" not in attrs.fields_dict(GRPOConfig):
@@ -309,7 +367,8 @@ def main(argv=None):
                 for B in args.batches:
                     for T in args.tokens:
                         r = run_cell(model_dir, size=size, B=B, T=T, mode=mode, steps=args.steps,
-                                     warmup=args.warmup, extra=extra, tmp=tmp)  # fmt: skip
+                                     warmup=args.warmup, extra=extra, tmp=tmp,
+                                     attention_block=args.attention_block)  # fmt: skip
                         results.append(r)
                         m = r["median_s"]
                         print(

@@ -56,7 +56,9 @@ def test_block_causal_attention_gradients_match_full():
         return lambda q, k, v: (fn(q, k, v) ** 2).sum()
 
     full = mx.grad(
-        loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal")),
+        loss(
+            lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal")
+        ),
         argnums=(0, 1, 2),
     )(q, k, v)
     blocked = mx.grad(
@@ -130,4 +132,42 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
 
 def test_gradient_checkpointing_is_a_config_field_off_by_default():
     assert GRPOConfig().gradient_checkpointing is False
-    assert attrs.evolve(GRPOConfig(), gradient_checkpointing=True).to_dict()["gradient_checkpointing"]
+    assert attrs.evolve(GRPOConfig(), gradient_checkpointing=True).to_dict()[
+        "gradient_checkpointing"
+    ]
+
+
+def _peak_extra_bytes(fn):
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    mx.synchronize()
+    return mx.get_peak_memory() - base
+
+
+def test_chunked_log_prob_backward_stays_below_a_float32_copy():
+    from grpo.core.logprobs import token_logprobs_and_entropy
+
+    B, T, V = 2, 64, 32768
+    f32_bytes = B * T * V * 4
+    logits = (mx.random.normal((B, T, V), key=mx.random.key(0)) * 3).astype(mx.bfloat16)
+    tokens = mx.random.randint(0, V, (B, T), key=mx.random.key(1))
+    mx.eval(logits, tokens)
+
+    def grad(chunk):
+        def loss(x):
+            lp, ent = token_logprobs_and_entropy(
+                x, tokens, temperature=0.7, max_chunk_elements=chunk
+            )
+            return lp.sum() + 0.1 * ent.sum()
+
+        return lambda: mx.grad(loss)(logits)
+
+    chunked = _peak_extra_bytes(grad(1 << 16))
+    unchunked = _peak_extra_bytes(grad(1 << 30))
+    # The unchunked backward holds float32 [B, T, V] temporaries; the chunked one holds the
+    # bf16 gradient (half a float32 copy), its parts, and one chunk's temporaries.
+    assert unchunked >= 2 * f32_bytes, (unchunked, f32_bytes)
+    assert chunked < 1.5 * f32_bytes, (chunked, f32_bytes)

@@ -73,6 +73,39 @@ def _logp_entropy_chunk(logits: mx.array, tokens: mx.array, temperature: float):
     return _gathered(z, tokens) - lse[..., 0], entropy
 
 
+def _grad_chunk(logits, tokens, cotangents, outputs, temperature):
+    # d logp_t / dz = (onehot(y_t) - p_t) / tau ;  d H_t / dz = -p_t (log p_t + H_t) / tau.
+    # The forward's outputs give lse = z_y - logp_y, so one exp pass rebuilds p (no
+    # second logsumexp); H comes from the forward's entropy output.
+    z = _scaled_f32(logits, temperature)
+    lse = _gathered(z, tokens) - outputs[0]
+    logp_all = z - lse[..., None]
+    p = mx.exp(logp_all)
+    onehot = mx.arange(z.shape[-1])[None, None, :] == tokens[..., None].astype(mx.int32)
+    g = (onehot.astype(mx.float32) - p) * cotangents[0][..., None]
+    if len(cotangents) > 1:
+        g = g - p * (logp_all + outputs[1][..., None]) * cotangents[1][..., None]
+    return (g if temperature == 1.0 else g / temperature).astype(logits.dtype)
+
+
+def _serial_map(fn, x, y, blocks):
+    # fn over bounded blocks of x [R, T, V] / y [R, T], reassembled into [R, T] outputs.
+    # MLX evaluates independent branches breadth-first; the depends edge serialises the
+    # chunks so only a few chunks' float32 temporaries are live at once, not all of them.
+    rows, prev = {}, None
+    for r0, r1, t0, t1 in blocks:
+        xb = x[r0:r1, t0:t1]
+        if prev is not None:
+            xb = mx.depends(xb, prev)
+        out = fn(xb, y[r0:r1, t0:t1])
+        prev = list(out) if isinstance(out, (tuple, list)) else [out]
+        rows.setdefault((r0, r1), []).append(prev)
+    blocks_out = [
+        [mx.concatenate(k, axis=1) for k in zip(*parts, strict=True)] for parts in rows.values()
+    ]
+    return [mx.concatenate(k, axis=0) for k in zip(*blocks_out, strict=True)]
+
+
 def _map_chunks(fn, logits, tokens, temperature, max_chunk_elements):
     # fn over bounded blocks; returns a list of [..., T] outputs (one per output of fn).
     *lead, T, V = logits.shape
@@ -80,23 +113,37 @@ def _map_chunks(fn, logits, tokens, temperature, max_chunk_elements):
     if R * T * V <= max_chunk_elements:
         out = fn(logits, tokens, temperature)
         return list(out) if isinstance(out, tuple) else [out]
-    x, y = logits.reshape(R, T, V), tokens.reshape(R, T)
-    rows, prev = {}, None
-    for r0, r1, t0, t1 in _blocks(R, T, V, max_chunk_elements):
-        xb, yb = x[r0:r1, t0:t1], y[r0:r1, t0:t1]
-        if prev is not None:
-            # MLX evaluates independent branches breadth-first; this edge serialises the
-            # chunks so only a few chunks' float32 temporaries are live at once, not all T.
-            xb = mx.depends(xb, prev)
-        # Checkpointed: the backward pass recomputes a chunk's temporaries instead of
-        # keeping every chunk's float32 copy alive between forward and backward.
-        out = mx.checkpoint(lambda xb, yb=yb: fn(xb, yb, temperature))(xb)
-        prev = list(out) if isinstance(out, tuple) else [out]
-        rows.setdefault((r0, r1), []).append(prev)
-    blocks = [
-        [mx.concatenate(k, axis=1) for k in zip(*parts, strict=True)] for parts in rows.values()
-    ]
-    return [mx.concatenate(k, axis=0).reshape(*lead, T) for k in zip(*blocks, strict=True)]
+    blocks = _blocks(R, T, V, max_chunk_elements)
+
+    # A hand-written chunked backward: autodiff through the slices would give every chunk
+    # its own zero-filled [R, T, V] cotangent (slice's vjp) and sum them, so the backward
+    # would hold several full-size arrays. Here the gradient is one [R, T, V] array in the
+    # logits' dtype, built chunk by chunk from float32 temporaries of one chunk.
+    @mx.custom_function
+    def chunked(x, y):
+        return tuple(_serial_map(lambda xb, yb: fn(xb, yb, temperature), x, y, blocks))
+
+    @chunked.vjp
+    def chunked_vjp(primals, cotangents, outputs):
+        x, y = primals
+        cots = list(cotangents) if isinstance(cotangents, (tuple, list)) else [cotangents]
+        outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        parts, prev = [], None
+        for r0, r1, t0, t1 in blocks:
+            xb = x[r0:r1, t0:t1]
+            if prev is not None:
+                xb = mx.depends(xb, prev)
+            cb = [c[r0:r1, t0:t1] for c in cots]
+            ob = [o[r0:r1, t0:t1] for o in outs]
+            prev = _grad_chunk(xb, y[r0:r1, t0:t1], cb, ob, temperature)
+            parts.append(prev.reshape(-1, V))
+        # Blocks are row-major, so one concatenation of the flattened parts is [R * T, V]:
+        # a single full-size copy (nested row/column concatenations would make two).
+        return mx.concatenate(parts, axis=0).reshape(R, T, V), mx.zeros_like(y)
+
+    outs = chunked(logits.reshape(R, T, V), tokens.reshape(R, T))
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return [o.reshape(*lead, T) for o in outs]
 
 
 def token_logprobs(
