@@ -24,13 +24,16 @@ import statistics
 import tempfile
 import time
 
+# isort: off
+import grpo  # noqa: F401  (loads the fast BLAS; must precede the first mlx import)
+
+# isort: on
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-import grpo  # noqa: F401  (fast BLAS before mlx)
 from grpo.core.rollout import rollout
 from grpo.core.sampling import SamplingConfig
 from grpo.io.tiny import build_tiny_model

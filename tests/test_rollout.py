@@ -1,5 +1,9 @@
 """Rollout engine: log-probs, greedy paths, padding, determinism, EOS handling, sampling maths."""
 
+# isort: off
+import grpo  # noqa: F401  (fast BLAS before mlx; conftest imports it first too)
+
+# isort: on
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -10,7 +14,6 @@ from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from mlx_lm.models import llama
 from strategies import arrays
 
-import grpo  # noqa: F401  (fast BLAS before mlx)
 from grpo.core.rollout import Rollout, Sampler, rollout
 from grpo.core.sampling import (
     SamplingConfig,
