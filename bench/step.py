@@ -282,6 +282,13 @@ def _cpu_name() -> str:
     return platform.processor() or "?"
 
 
+def _note(r: dict) -> str:
+    notes = [f"{k}={v}" for k, v in (r.get("extra") or {}).items()]
+    if r.get("attention_block") is not None:
+        notes.append(f"attention_block={r['attention_block'] or 'off'}")
+    return ", ".join(notes)
+
+
 def markdown(results: list[dict], env: dict, *, title: str) -> str:
     lines = [
         f"### {title}",
@@ -293,20 +300,20 @@ def markdown(results: list[dict], env: dict, *, title: str) -> str:
         "steps; `load` is the 1-min load average before -> after the cell (other helpers "
         "shared the 2 cores).",
         "",
-        "| model | mode | B | T | steps | step s | rollout | scoring | ref | update | other "
-        "| non-rollout | compl. tok/s | peak MB | compiles | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | B | T | steps | step s | CPU s | rollout | scoring | ref | update "
+        "| other | non-rollout | compl. tok/s | peak MB | compiles | load | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = r["median_s"]
         c = r["compiles"]
         lines.append(
             f"| {r['size']} | {r['mode']} | {r['B']} | {r['T']} | {r['steps']} "
-            f"| {m['total']:.3f} | {m['rollout']:.3f} | {m['scoring']:.3f} | {m['ref']:.3f} "
+            f"| {m['total']:.3f} | {m['cpu']:.3f} | {m['rollout']:.3f} | {m['scoring']:.3f} | {m['ref']:.3f} "
             f"| {m['update']:.3f} | {m['other']:.3f} | {100 * r['non_rollout_frac']:.0f}% "
             f"| {r['completion_tok_s']:.0f} | {r['peak_mb']:.0f} "
             f"| {c['train_step']}/{c['logprobs']} "
-            f"| {r['load_before']:.1f}->{r['load_after']:.1f} |"
+            f"| {r['load_before']:.1f}->{r['load_after']:.1f} | {_note(r)} |"
         )
     return "\n".join(lines) + "\n"
 
