@@ -92,14 +92,14 @@ def run_lora(model_dir, mode, args, *, bundled=False):
     return _run(cmd, threads=args.threads, timeout=args.timeout)
 
 
-def run_trl(model_dir, mode, args):
+def run_trl(model_dir, mode, args, *, threads=None):
     if not args.trl_python or not Path(args.trl_python).exists():
         return None, f"no TRL environment (--trl-python={args.trl_python!r}); see bench/README.md"
     cmd = [args.trl_python, str(HERE / "trl_grpo.py"), str(model_dir), "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--tokens", str(args.tokens),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(threads or args.threads)]  # fmt: skip
     cmd += ["--lora"] if mode == "lora" else []
-    return _run(cmd, threads=args.threads, timeout=args.timeout)
+    return _run(cmd, threads=threads or args.threads, timeout=args.timeout)
 
 
 def markdown(rows: list[dict], env: dict) -> str:
@@ -146,6 +146,14 @@ def main(argv=None):
         "--trl-python", default=os.environ.get("GRPO_TRL_PYTHON", "/work/venv-trl/bin/python")
     )
     ap.add_argument(
+        "--trl-extra-threads",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also run TRL with these thread counts (torch's OpenMP barriers stall when "
+        "other jobs hold the cores)",
+    )
+    ap.add_argument(
         "--lora-bundled-blas",
         action="store_true",
         help="also run mlx-lm-lora on mlx's bundled BLAS",
@@ -165,17 +173,24 @@ def main(argv=None):
             model_dir = build_tiny_model(Path(tmp) / size, size=size, seed=0)
             for mode in args.modes:
                 results = {}
-                plan = [(e, False) for e in args.engines]
+                plan = [(e, None) for e in args.engines]
                 if args.lora_bundled_blas and "mlx-lm-lora" in args.engines:
-                    plan.append(("mlx-lm-lora", True))
-                for engine, bundled in plan:
+                    plan.append(("mlx-lm-lora", "bundled"))
+                if "trl" in args.engines:
+                    plan += [("trl", n) for n in args.trl_extra_threads]
+                for engine, variant in plan:
                     if engine == "grpo":
                         res, why = run_grpo(size, mode, args, tmp)
                     elif engine == "mlx-lm-lora":
-                        res, why = run_lora(model_dir, mode, args, bundled=bundled)
+                        res, why = run_lora(model_dir, mode, args, bundled=variant == "bundled")
                     else:
-                        res, why = run_trl(model_dir, mode, args)
-                    name = engine + (" (bundled BLAS)" if bundled else "")
+                        res, why = run_trl(model_dir, mode, args, threads=variant)
+                    if variant == "bundled":
+                        name = f"{engine} (bundled BLAS)"
+                    elif variant is not None:
+                        name = f"{engine} ({variant} thread{'s' if variant > 1 else ''})"
+                    else:
+                        name = engine
                     row = {"size": size, "mode": mode, "engine": name, "why": why,
                            **(res or {}), "step_s": (res or {}).get("step_s")}  # fmt: skip
                     results[name] = row
