@@ -43,6 +43,10 @@ _EXPORTS = {
     "grpo.io.tiny": ["build_tiny_model"],
     "grpo.io.signals": ["TrainingInterrupted", "InterruptGuard"],
     "grpo.io.dist": ["init_distributed", "is_main_process", "main_only", "fail_fast"],
+    "grpo.tasks": ["make_dataset", "exact_match", "TASKS", "get_task"],
+    "grpo.io.warmstart": ["warm_start", "WarmStartConfig"],
+    "grpo.io.default_job": ["ensure_model"],
+    "grpo.io.plot": ["plot_reward_curve"],
     "grpo.config": ["GRPOConfig"],
     "grpo.trainer": ["GRPOTrainer", "NonFiniteError"],
 }  # fmt: skip

@@ -640,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # grpo.trainer.NonFiniteError
+        # The weights were not updated; the last checkpoint is intact.
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         # grpo.io.signals.TrainingInterrupted names the checkpoint it saved and its exit code.
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)

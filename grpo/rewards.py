@@ -234,6 +234,8 @@ def _resolve_one(item: Any) -> Callable:
     if not isinstance(item, str):
         raise TypeError(f"reward function spec must be a callable or a string, got {item!r}")
     name = item.strip()
+    if name not in REWARD_FUNCS:
+        import grpo.tasks  # noqa: F401  (registers the built-in tasks' rewards, e.g. exact_match)
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
     if ":" in name:

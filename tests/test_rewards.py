@@ -257,3 +257,17 @@ def test_resolve_errors(tmp_path):
         TypeError, match=r"reward function spec must be a callable or a string, got 3"
     ):
         resolve_reward_funcs([3])
+
+
+def test_task_rewards_resolve_by_name_without_importing_tasks_first():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, grpo\nfrom grpo.rewards import resolve_reward_funcs\n"
+        "assert 'grpo.tasks' not in sys.modules\n"
+        "print(resolve_reward_funcs('exact_match')[0].__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "grpo.tasks"
