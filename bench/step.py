@@ -52,7 +52,7 @@ import mlx_lm
 # isort: on
 import grpo.trainer as trainer_mod
 from grpo.config import GRPOConfig
-from grpo.io.fast_attention import install_block_attention
+from grpo.io.fast_attention import DEFAULT_BLOCK, install_block_attention  # noqa: F401  (bench/ab.py)
 from grpo.io.tiny import build_tiny_model
 from grpo.trainer import GRPOTrainer
 
