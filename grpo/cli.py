@@ -8,12 +8,21 @@ cached, warm-started tiny model learns the built-in ``reverse`` task by GRPO and
 
 Usage errors (unknown flag or YAML key, bad value, missing file, invalid combination of
 settings) print one line naming the problem and exit with code 2.
+
+``grpo train`` also runs unchanged under ``mlx.launch -n 2 --backend ring -- grpo train ...``
+(docs/distributed.md): every rank trains its own prompt shard with
+``per_device_train_batch_size`` completions per micro-batch (per rank, as in TRL); rank 0
+alone builds the default model, prints, and writes the output directory; a rank that fails
+prints its error prefixed ``[rank r/W]`` and exits at once with its usual exit code, so
+``mlx.launch`` stops the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import os
 import sys
 import time
 import types
@@ -108,7 +117,7 @@ FIELD_HELP: dict[str, str] = {
     "adam_beta2": "Adam beta2.",
     "adam_epsilon": "Adam epsilon.",
     "max_grad_norm": "Clip the global gradient norm to this (0 = off).",
-    "per_device_train_batch_size": "Completions (rows) per micro-batch.",
+    "per_device_train_batch_size": "Completions (rows) per micro-batch, on each rank under mlx.launch (as in TRL).",
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
     "max_steps": "Optimizer steps to run (-1: derive from `num_train_epochs`).",
     "num_train_epochs": "Epochs over the prompts when `max_steps` is -1.",
@@ -470,16 +479,34 @@ class Run:
         except (ValueError, TypeError) as e:
             raise UsageError(f"--reward: {e}") from e
 
-    def model_path(self, log=print) -> str:
+    def model_path(self, log=print, *, group=None) -> str:
+        """``--model``, or the cached default model (built first if missing).
+
+        Under ``mlx.launch`` (``group`` of several ranks) rank 0 builds the default model
+        while the others wait at a barrier, then they load it from the cache. A rank on
+        another machine whose cache lacks it builds its own copy (same seeds), quietly
+        unless it really builds; the build is atomic, so ranks sharing a cache never see a
+        half-written model, and the trainer checks that every rank starts from the same
+        weights.
+        """
         from grpo.io import default_job
+        from grpo.io.dist import barrier, is_main_process, rank_prefix
 
         if not self.default_model:
             return str(self.model)
-        return str(
-            default_job.ensure_model(
-                task=self.task or "reverse", warm_start=self.warm_start, log=log
+        spec = dict(task=self.task or "reverse", warm_start=self.warm_start)
+        main = is_main_process(group)
+        if main:
+            path = default_job.ensure_model(**spec, log=log)
+        barrier(group)
+        if not main:
+            here = default_job.is_cached(default_job.model_dir(**spec))
+            prefix = rank_prefix(group)
+            quiet = lambda msg: None  # noqa: E731
+            path = default_job.ensure_model(
+                **spec, log=quiet if here else (lambda msg: log(prefix + msg))
             )
-        )
+        return str(path)
 
     def rows(self, *, split: str):
         if self.task is not None:
@@ -517,6 +544,7 @@ def _load_model(path: str, adapter_path: str | None, *, trust_remote_code: bool)
 
 
 def _check_output_dir(cfg, args) -> None:
+    """Refuse to append to another run's metrics (rank 0 only under mlx.launch)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {cfg.output_dir} exists and is a file")
@@ -527,7 +555,7 @@ def _check_output_dir(cfg, args) -> None:
                 f"--output_dir {cfg.output_dir} already holds a run (metrics.jsonl); pass "
                 "--overwrite_output_dir, --resume_from_checkpoint, or another --output_dir"
             )
-        metrics.unlink()
+        metrics.unlink(missing_ok=True)
 
 
 def reward_margin(records: list[dict], *, fraction: float = 0.1) -> tuple[float, float]:
@@ -540,28 +568,51 @@ def reward_margin(records: list[dict], *, fraction: float = 0.1) -> tuple[float,
 
 
 def train(args: argparse.Namespace) -> int:
-    from grpo.io.logging import read_metrics
-    from grpo.io.plot import plot_reward_curve
+    from grpo.io.dist import init_distributed
 
     start = time.perf_counter()
     run = Run(args, command="train")
-    cfg = run.config
     reward_funcs = run.reward_funcs()
-    _check_output_dir(cfg, args)
+    # Joins the mlx.launch job if this process is one of its ranks; None when alone.
+    group = init_distributed()
+    with _exit_together(group):
+        _train(args, run, reward_funcs, group=group, start=start)
+    return 0
+
+
+def _train(args: argparse.Namespace, run: Run, reward_funcs: list, *, group, start: float):
+    from grpo.core.distributed import world_size
+    from grpo.io.dist import barrier, is_main_process
+    from grpo.io.logging import read_metrics
+    from grpo.io.plot import plot_reward_curve
+
+    cfg = run.config
+    main = is_main_process(group)
+    say = print if main else _quiet  # only rank 0 prints and writes output_dir
+    if main:
+        _check_output_dir(cfg, args)
     rows = run.rows(split="train")
-    model, tokenizer = _load_model(run.model_path(), None, trust_remote_code=cfg.trust_remote_code)
+    model_path = run.model_path(log=say, group=group)
+    model, tokenizer = _load_model(model_path, None, trust_remote_code=cfg.trust_remote_code)
     from grpo.trainer import GRPOTrainer
 
     try:
         trainer = GRPOTrainer(
-            model, reward_funcs, args=cfg, train_dataset=rows, processing_class=tokenizer
-        )
+            model, reward_funcs, args=cfg, train_dataset=rows, processing_class=tokenizer,
+            group=group,
+        )  # fmt: skip
     except (ValueError, TypeError) as e:
         raise UsageError(str(e).splitlines()[0]) from e
     what = f"the built-in {run.task!r} task" if run.task else str(run.dataset)
-    print(
+    W = world_size(group)
+    ranks = (
+        f" on {W} ranks x {cfg.per_device_train_batch_size} completions per micro-batch"
+        if W > 1
+        else ""
+    )
+    say(
         f"GRPO: {trainer.max_steps} steps on {what}, reward {run.reward}, "
-        f"{cfg.num_generations} completions per prompt, output in {cfg.output_dir}/"
+        f"{cfg.num_generations} completions per prompt{ranks}, output in {cfg.output_dir}/"
     )
     from grpo.io.checkpoint import CheckpointError
 
@@ -569,16 +620,49 @@ def train(args: argparse.Namespace) -> int:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     except CheckpointError as e:
         raise UsageError(f"--resume_from_checkpoint: {e}") from e
-    trainer.save_model()
-    metrics = Path(cfg.output_dir) / "metrics.jsonl"
-    png = plot_reward_curve(metrics, Path(cfg.output_dir) / "reward_curve.png")
-    first, last = reward_margin(read_metrics(metrics))
-    print(
-        f"done in {time.perf_counter() - start:.0f}s: mean reward {first:.3f} (first 10% of "
-        f"steps) -> {last:.3f} (last 10%), change {last - first:+.3f}"
-    )
-    print(f"wrote {metrics}, {png} and the trained weights in {cfg.output_dir}/")
-    return 0
+    if main:
+        trainer.save_model()
+        metrics = Path(cfg.output_dir) / "metrics.jsonl"
+        png = plot_reward_curve(metrics, Path(cfg.output_dir) / "reward_curve.png")
+        first, last = reward_margin(read_metrics(metrics))
+        print(
+            f"done in {time.perf_counter() - start:.0f}s: mean reward {first:.3f} (first 10% of "
+            f"steps) -> {last:.3f} (last 10%), change {last - first:+.3f}"
+        )
+        print(f"wrote {metrics}, {png} and the trained weights in {cfg.output_dir}/")
+    # Every rank ends together: if rank 0 fails writing, the others fail here too.
+    barrier(group)
+
+
+def _quiet(*args, **kwargs) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _exit_together(group):
+    """Under ``mlx.launch``, a rank that fails leaves at once so the whole job stops.
+
+    A usage error, a non-finite stop or an interrupt prints its usual one line, prefixed
+    ``[rank r/W]``, and exits with its usual code; anything else prints its traceback and
+    exits 1 (:func:`grpo.io.dist.fail_fast`). Leaving with ``os._exit`` closes the ring
+    sockets, so a peer waiting in a collective fails instead of hanging, and ``mlx.launch``
+    stops the remaining ranks. Alone (``group`` is ``None``) errors propagate to
+    :func:`main` unchanged.
+    """
+    from grpo.core.distributed import is_distributed
+    from grpo.io.dist import fail_fast, rank_prefix
+
+    if not is_distributed(group):
+        yield
+        return
+    with fail_fast(group):
+        try:
+            yield
+        except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
+            code = _report(e, prefix=rank_prefix(group))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -637,17 +721,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return {"train": train, "eval": evaluate}[args.command](args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
+        return _report(e)
+
+
+def _report(e: BaseException, *, prefix: str = "") -> int:
+    """Print the one-line message of an expected error; return the process exit code."""
+    if isinstance(e, UsageError):
+        print(f"{prefix}error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:  # grpo.trainer.NonFiniteError
+    if isinstance(e, FloatingPointError):  # grpo.trainer.NonFiniteError
         # The weights were not updated; the last checkpoint is intact.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prefix}error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
-        # grpo.io.signals.TrainingInterrupted names the checkpoint it saved and its exit code.
-        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
+    # KeyboardInterrupt; grpo.io.signals.TrainingInterrupted names the checkpoint it saved
+    # and its exit code.
+    print(f"{prefix}interrupted: {e}" if str(e) else f"{prefix}interrupted", file=sys.stderr)
+    return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

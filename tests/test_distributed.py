@@ -413,3 +413,77 @@ def test_a_rank_whose_reward_function_raises_stops_the_training_job(tmp_path, ti
     assert run.results == {}, f"a rank finished despite rank 1 failing: {run.results}"
     assert "reward function 'reward_that_breaks' failed on rank 1" in run.stderr, run.stderr[-4000:]
     assert "[rank 1/2]" in run.stderr
+
+
+# ------------------------------------------------- `grpo train` under mlx.launch
+
+
+def launch_grpo(out_dir: Path, *args: str, n: int = 2) -> Launch:
+    """``mlx.launch -n 2 --backend ring -- grpo ARGS`` on loopback (docs/distributed.md).
+
+    ``--verbose`` makes the launcher report ``Node with rank r completed`` for every rank
+    that exits 0: the CLI prints on rank 0 only, so that line is rank 1's proof of success.
+    """
+    script = Path(sys.executable).parent / "grpo"
+    grpo_cmd = [str(script)] if script.exists() else [sys.executable, "-m", "grpo"]
+    cmd = [
+        *_mlx_launch(), "--hosts", "127.0.0.1", "-n", str(n), "--backend", "ring",
+        "--starting-port", str(_free_port_pair()), "--verbose", "--", *grpo_cmd, *args,
+    ]  # fmt: skip
+    return _run(cmd, f"grpo {' '.join(args)}", out_dir, n)
+
+
+def _lines(text: str, start: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(start)]
+
+
+def test_grpo_train_cli_under_mlx_launch_writes_once_from_rank_0(tmp_path, monkeypatch):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    monkeypatch.setenv("MLX_GRPO_CACHE", str(cache))  # _run passes os.environ on
+    argv = (
+        "train", "--max_steps", "2", "--logging_steps", "1", "--warm_start_steps", "5",
+        "--per_device_train_batch_size", "16", "--output_dir", str(out),
+    )  # fmt: skip
+    run = launch_grpo(tmp_path / "launch", *argv)
+    log = f"--- stdout\n{run.stdout[-4000:]}\n--- stderr\n{run.stderr[-4000:]}"
+    for r in (0, 1):
+        assert f"Node with rank {r} completed" in run.stderr, log
+    assert "[WARN]" not in run.stderr and "Traceback" not in run.stderr, log
+
+    # Rank 0 alone built the default model (once, atomically) and printed the summary.
+    assert len(_lines(run.stdout, "model: building")) == 1, log
+    assert len(_lines(run.stdout, "warm start: done")) == 1, log
+    [intro] = _lines(run.stdout, "GRPO: 2 steps")
+    assert "on 2 ranks x 16 completions per micro-batch" in intro
+    assert len(_lines(run.stdout, "done in ")) == 1 and len(_lines(run.stdout, "wrote ")) == 1
+    [model_dir] = list(cache.iterdir())  # no second copy, no leftover temporary build
+    assert (model_dir / "model.safetensors").exists()
+
+    # Exactly one metrics file and plot, with one record per step and finite metrics.
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("metrics.jsonl")] == [
+        Path("out/metrics.jsonl")
+    ]
+    assert [p.name for p in tmp_path.rglob("*.png")] == ["reward_curve.png"]
+    assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for rec in records:
+        for name in ("reward", "loss", "kl", "grad_norm", "num_tokens"):
+            assert math.isfinite(rec[name]), (name, rec)
+        assert 0.0 <= rec["reward"] <= 1.0
+
+    # Rank 0 saved the trained weights and a checkpoint holding both ranks' sampler state.
+    start = mx.load(str(model_dir / "model.safetensors"))
+    trained = mx.load(str(out / "adapters.safetensors"))
+    assert sorted(trained) == sorted(start)
+    assert all(bool(mx.isfinite(v).all()) for v in trained.values())
+    assert max(mx.abs(trained[k] - start[k]).max().item() for k in start) > 0  # it trained
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert len(state["sampler_per_rank"]) == 2
+
+    # The same command again: rank 0 refuses to overwrite the run, and no rank exits 0.
+    again = launch_grpo(tmp_path / "again", *argv)
+    assert "[rank 0/2] error: --output_dir" in again.stderr, again.stderr[-4000:]
+    assert "Node with rank 0 exited with code 2" in again.stderr, again.stderr[-4000:]
+    assert "completed" not in again.stderr, again.stderr[-4000:]
+    assert len(records) == len((out / "metrics.jsonl").read_text().splitlines())

@@ -89,6 +89,24 @@ def model_key(
     )
 
 
+def model_dir(
+    cache_dir: str | Path | None = None,
+    *,
+    task: str = DEFAULT_TASK,
+    size: str = MODEL_SIZE,
+    seed: int = MODEL_SEED,
+    warm_start: WarmStartConfig = WARM_START,
+) -> Path:
+    """Where :func:`ensure_model` keeps (or will build) this model; nothing is created."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    return root / model_key(task=task, size=size, seed=seed, warm_start=warm_start)
+
+
+def is_cached(path: str | Path) -> bool:
+    """True when ``path`` (a :func:`model_dir`) holds a finished build."""
+    return (Path(path) / "model.safetensors").exists()
+
+
 def _build(path: Path, *, task: str, size: str, seed: int, warm_start: WarmStartConfig, log):
     import mlx.core as mx
     import mlx_lm
@@ -135,9 +153,9 @@ def ensure_model(
         A directory loadable by ``mlx_lm.load``.
     """
     get_task(task)  # fail on an unknown task before building anything
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    final = root / model_key(task=task, size=size, seed=seed, warm_start=warm_start)
-    if (final / "model.safetensors").exists():
+    final = model_dir(cache_dir, task=task, size=size, seed=seed, warm_start=warm_start)
+    root = final.parent
+    if is_cached(final):
         log(f"model: cached warm-started tiny model {final}")
         return final
     root.mkdir(parents=True, exist_ok=True)
