@@ -487,7 +487,8 @@ class Run:
         another machine whose cache lacks it builds its own copy (same seeds), quietly
         unless it really builds; the build is atomic, so ranks sharing a cache never see a
         half-written model, and the trainer checks that every rank starts from the same
-        weights.
+        weights. ``log`` receives rank 0's progress lines (callers pass a no-op on the other
+        ranks); another rank that builds prints its own with a ``[rank r/W]`` prefix.
         """
         from grpo.io import default_job
         from grpo.io.dist import barrier, is_main_process, rank_prefix
@@ -504,7 +505,7 @@ class Run:
             prefix = rank_prefix(group)
             quiet = lambda msg: None  # noqa: E731
             path = default_job.ensure_model(
-                **spec, log=quiet if here else (lambda msg: log(prefix + msg))
+                **spec, log=quiet if here else (lambda msg: print(prefix + msg))
             )
         return str(path)
 
