@@ -107,7 +107,8 @@ def markdown(rows: list[dict], env: dict) -> str:
         "### Peers (bench/peers/run.py)",
         "",
         f"{env['date']}; {env['cpus']} cores; G = 8, {env['tokens']} completion tokens "
-        "(fixed length), one prompt per step, beta = 0.04, 2 threads per process, each engine "
+        f"(fixed length), one prompt per step, beta = 0.04, {env['threads']} thread(s) per process "
+        "unless the engine name says otherwise, each engine "
         "in a fresh process on the same seeded model directory. Seconds per optimizer step "
         "are medians over the measured steps; ratio = grpo / peer (target <= 0.5). `load` is "
         "the 1-min load average before -> after the run (other helpers shared the 2 cores).",
@@ -166,7 +167,7 @@ def main(argv=None):
     from grpo.io.tiny import build_tiny_model
 
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
-           "tokens": args.tokens, "args": vars(args)}  # fmt: skip
+           "tokens": args.tokens, "threads": args.threads, "args": vars(args)}  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
