@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (grpo must be imported before mlx: it loads the fast BLAS first)
 import os
 
 import grpo  # noqa: F401  (loads the fast BLAS before mlx)

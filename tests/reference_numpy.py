@@ -126,7 +126,16 @@ def np_quantile_mask(entropies, mask, threshold):
 
 
 def np_policy_loss(
-    logp, adv, mask, cfg, *, old=None, ref=None, entropies=None, num_items=None, logp_sg=None,
+    logp,
+    adv,
+    mask,
+    cfg,
+    *,
+    old=None,
+    ref=None,
+    entropies=None,
+    num_items=None,
+    logp_sg=None,
     entropy_coef=None,
 ):
     """TRL 1.16 `_compute_loss` from per-token log-probs (eval mode, one process).

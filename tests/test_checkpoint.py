@@ -2,13 +2,13 @@
 
 import json
 
-import grpo  # noqa: F401
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+import grpo  # noqa: F401
 from grpo.config import GRPOConfig
 from grpo.core.state import init_state
 from grpo.core.step import make_optimizer

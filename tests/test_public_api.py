@@ -3,8 +3,9 @@
 import ast
 import pathlib
 
-import grpo
 import pytest
+
+import grpo
 
 CORE = pathlib.Path(grpo.__file__).parent / "core"
 FORBIDDEN = ("grpo.io", "grpo.trainer", "grpo.cli", "grpo.config", "rich", "datasets")

@@ -3,7 +3,6 @@
 import math
 from typing import NamedTuple
 
-import grpo  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -13,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
+import grpo  # noqa: F401
 from grpo.config import GRPOConfig
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import (

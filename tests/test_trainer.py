@@ -2,7 +2,6 @@
 
 import math
 
-import grpo  # noqa: F401
 import attrs
 import mlx.core as mx
 import mlx_lm
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+import grpo  # noqa: F401
 from grpo.config import GRPOConfig
 from grpo.core.rollout import Rollout
 from grpo.io.checkpoint import CheckpointError

@@ -91,7 +91,7 @@ def seeded_weights(model, seed: int) -> dict[str, mx.array]:
     flat = tree_flatten(model.parameters())
     keys = mx.random.split(mx.random.key(seed), len(flat))
     out = {}
-    for (name, p), k in zip(flat, keys):
+    for (name, p), k in zip(flat, keys, strict=True):
         if name.endswith("norm.weight") or "layernorm" in name:
             out[name] = mx.ones_like(p)
         elif name.endswith(".bias"):
@@ -102,7 +102,11 @@ def seeded_weights(model, seed: int) -> dict[str, mx.array]:
 
 
 def build_tiny_model(
-    path: str | Path, *, size: str = "tiny", seed: int = 0, model_type: str = "llama",
+    path: str | Path,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    model_type: str = "llama",
     vocab_size: int | None = None,
 ) -> Path:
     """Write a seeded mlx-lm model directory loadable by ``mlx_lm.load(path)``."""
