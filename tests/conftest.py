@@ -42,3 +42,19 @@ def tiny_model(tiny_model_dir):
     import mlx_lm
 
     return mlx_lm.load(str(tiny_model_dir))
+
+
+def _peak_extra_bytes(fn):
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(fn())
+    mx.synchronize()
+    return mx.get_peak_memory() - base
+
+
+@pytest.fixture
+def peak_extra_bytes():
+    """``measure(fn)``: peak bytes above the memory active before ``fn()`` was built and run."""
+    return _peak_extra_bytes

@@ -234,18 +234,8 @@ def test_bad_chunk_size():
 # memory ---------------------------------------------------------------------------------
 
 
-def _peak_extra_bytes(fn):
-    mx.synchronize()
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(fn())
-    mx.synchronize()
-    return mx.get_peak_memory() - base
-
-
 @pytest.mark.parametrize("fn", [token_logprobs, token_logprobs_and_entropy])
-def test_chunked_peak_memory_below_float32_logits(fn):
+def test_chunked_peak_memory_below_float32_logits(fn, peak_extra_bytes):
     B, T, V = 2, 64, 32768
     f32_bytes = B * T * V * 4  # 16 MiB
     key = mx.random.key(0)
@@ -255,10 +245,10 @@ def test_chunked_peak_memory_below_float32_logits(fn):
     tokens = mx.random.randint(0, V, (B, T), key=mx.random.key(1))
     mx.eval(full, tokens)
 
-    chunked = _peak_extra_bytes(
+    chunked = peak_extra_bytes(
         lambda: fn(logits, tokens, temperature=0.7, max_chunk_elements=1 << 16)
     )
-    unchunked = _peak_extra_bytes(
+    unchunked = peak_extra_bytes(
         lambda: fn(logits, tokens, temperature=0.7, max_chunk_elements=1 << 30)
     )
     # The measurement can see a full float32 copy (the unchunked path makes one) ...

@@ -137,17 +137,7 @@ def test_gradient_checkpointing_is_a_config_field_off_by_default():
     ]
 
 
-def _peak_extra_bytes(fn):
-    mx.synchronize()
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(fn())
-    mx.synchronize()
-    return mx.get_peak_memory() - base
-
-
-def test_chunked_log_prob_backward_stays_below_a_float32_copy():
+def test_chunked_log_prob_backward_stays_below_a_float32_copy(peak_extra_bytes):
     from grpo.core.logprobs import token_logprobs_and_entropy
 
     B, T, V = 2, 64, 32768
@@ -165,8 +155,8 @@ def test_chunked_log_prob_backward_stays_below_a_float32_copy():
 
         return lambda: mx.grad(loss)(logits)
 
-    chunked = _peak_extra_bytes(grad(1 << 16))
-    unchunked = _peak_extra_bytes(grad(1 << 30))
+    chunked = peak_extra_bytes(grad(1 << 16))
+    unchunked = peak_extra_bytes(grad(1 << 30))
     # The unchunked backward holds float32 [B, T, V] temporaries; the chunked one holds the
     # bf16 gradient (half a float32 copy), its parts, and one chunk's temporaries.
     assert unchunked >= 2 * f32_bytes, (unchunked, f32_bytes)
