@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from grpo.config import GRPOConfig
+from helpers import PROMPTS, tiny_args
 from grpo.io.checkpoint import REQUIRED, list_checkpoints, load_checkpoint
 from grpo.io.logging import read_metrics
 from grpo.io.signals import InterruptGuard, TrainingInterrupted
 from grpo.trainer import GRPOTrainer
-
-PROMPTS = [{"prompt": p} for p in ["a", "b", "cd", "efg", "hi", "jk", "lmn", "op"]]
 
 
 def lengths(completions, **kwargs):
@@ -33,21 +31,7 @@ def lengths(completions, **kwargs):
 
 
 def _args(out, **kw):
-    base = dict(
-        output_dir=str(out),
-        max_steps=6,
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_completion_length=4,
-        max_prompt_length=8,
-        learning_rate=1e-2,
-        lr_scheduler_type="cosine",
-        logging_steps=1,
-        save_steps=100,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return GRPOConfig(**{**base, **kw})
+    return tiny_args(out, **{"lr_scheduler_type": "cosine", "save_steps": 100, **kw})
 
 
 def _trainer(model_dir, out, reward=lengths, callbacks=(), **kw):

@@ -23,6 +23,7 @@ from grpo.core.loss import completion_logprobs, grpo_loss
 from grpo.core.state import init_state
 from grpo.core.step import make_optimizer, make_train_step
 from grpo.trainer import GRPOTrainer, NonFiniteError
+from helpers import PROMPTS, tiny_args
 
 B, G, P, T = 2, 4, 3, 5
 N = B * G
@@ -209,24 +210,9 @@ def test_fully_masked_batches_do_not_move_the_weights(model, s):
 
 # -- the trainer's guard -------------------------------------------------------------------
 
-PROMPTS = [{"prompt": p} for p in ["a", "b", "cd", "efg", "hi", "jk", "lmn", "op"]]
-
 
 def _trainer(model_dir, tmp_path, reward, **kw):
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_completion_length=4,
-        max_prompt_length=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_steps=2,
-        disable_tqdm=True,
-        seed=0,
-        **kw,
-    )
+    args = tiny_args(tmp_path, **{"save_steps": 2, **kw})
     return GRPOTrainer(str(model_dir), reward, args=args, train_dataset=PROMPTS, group=None)
 
 
