@@ -226,7 +226,7 @@ class GRPOConfig:
         """The :class:`grpo.core.loss.LossConfig` for these settings."""
         from grpo.core.loss import LossConfig
 
-        return LossConfig(**{name: getattr(self, name) for name in _LOSS_FIELDS})
+        return LossConfig(**{f.name: getattr(self, f.name) for f in attrs.fields(LossConfig)})
 
     def to_sampling_config(self, *, eos_token_ids=(), stop_sequences=()):
         """The :class:`grpo.core.sampling.SamplingConfig` for these settings."""
@@ -259,28 +259,6 @@ class GRPOConfig:
         if unknown:
             raise ValueError(f"GRPOConfig: unknown field(s) {unknown}")
         return cls(**values)
-
-
-_LOSS_FIELDS = (
-    "loss_type",
-    "importance_sampling_level",
-    "epsilon",
-    "epsilon_high",
-    "delta",
-    "beta",
-    "use_bias_correction_kl",
-    "top_entropy_quantile",
-    "off_policy_mask_threshold",
-    "entropy_coef",
-    "max_completion_length",
-    "temperature",
-    "sapo_temperature_pos",
-    "sapo_temperature_neg",
-    "vespo_k_pos",
-    "vespo_lambda_pos",
-    "vespo_k_neg",
-    "vespo_lambda_neg",
-)
 
 
 def _positive_int(errors: _Errors, cfg: GRPOConfig, *names: str, minimum: int = 1):
