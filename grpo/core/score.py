@@ -109,12 +109,6 @@ def as_completions(prompts: Sequence, texts: Sequence) -> list:
     return [t if isinstance(t, list) else [{"role": "assistant", "content": t}] for t in texts]
 
 
-def _unwrap(fn: Callable) -> Callable:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return fn
-
-
 def _parameters(fn: Callable) -> tuple[bool, set[str], set[str]]:
     """(takes **kwargs, names it accepts by keyword, names it requires)."""
     try:
