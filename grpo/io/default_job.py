@@ -167,7 +167,7 @@ def ensure_model(
             tmp.rename(final)
         except OSError:
             # Another process finished the same build first; its copy is identical.
-            if not (final / "model.safetensors").exists():
+            if not is_cached(final):
                 raise
     finally:
         if tmp.exists():
