@@ -7,10 +7,10 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from helpers import PROMPTS, tiny_args
 from mlx.utils import tree_flatten
 
 import grpo  # noqa: F401
-from grpo.config import GRPOConfig
 from grpo.core.rollout import Rollout
 from grpo.io.checkpoint import CheckpointError
 from grpo.io.logging import read_metrics
@@ -18,7 +18,6 @@ from grpo.io.model import is_quantized, quantize
 from grpo.trainer import GRPOTrainer
 
 TOKENS = mx.array([[5, 40, 41, 77, 12, 9, 30, 31]])
-PROMPTS = [{"prompt": p} for p in ["a", "b", "cd", "efg", "hi", "jk", "lmn", "op"]]
 TRL_METRICS = (
     "loss",
     "reward",
@@ -50,24 +49,21 @@ def lowercase(completions, **kwargs):
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        max_steps=30,
-        num_generations=8,
-        per_device_train_batch_size=16,
-        max_completion_length=4,
-        max_prompt_length=16,
-        logging_steps=1,
-        save_steps=1000,
-        lora_rank=16,
-        lora_alpha=64,
-        beta=0.01,
-        disable_tqdm=True,
-        seed=0,
+    return tiny_args(
+        tmp_path,
+        **{
+            "lr_scheduler_type": "constant",
+            "max_steps": 30,
+            "num_generations": 8,
+            "per_device_train_batch_size": 16,
+            "max_prompt_length": 16,
+            "save_steps": 1000,
+            "lora_rank": 16,
+            "lora_alpha": 64,
+            "beta": 0.01,
+            **kw,
+        },
     )
-    return GRPOConfig(**{**base, **kw})
 
 
 def _flat(tree):
