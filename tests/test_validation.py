@@ -11,13 +11,11 @@ import shutil
 
 import datasets
 import pytest
+from helpers import PROMPTS, tiny_args
 
 import grpo.trainer as trainer_module
-from grpo.config import GRPOConfig
 from grpo.io.checkpoint import CheckpointError
 from grpo.trainer import GRPOTrainer
-
-PROMPTS = [{"prompt": p} for p in ["a", "b", "cd", "efg", "hi", "jk", "lmn", "op"]]
 
 
 def zeros(completions, **kwargs):
@@ -25,19 +23,18 @@ def zeros(completions, **kwargs):
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=1,
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_completion_length=4,
-        max_prompt_length=16,
-        lora_rank=4,
-        save_steps=1,
-        disable_tqdm=True,
-        seed=0,
+    return tiny_args(
+        kw.pop("output_dir", tmp_path / "out"),
+        **{
+            "max_steps": 1,
+            "max_prompt_length": 16,
+            "learning_rate": 1e-6,
+            "logging_steps": 10,
+            "lora_rank": 4,
+            "save_steps": 1,
+            **kw,
+        },
     )
-    return GRPOConfig(**{**base, **kw})
 
 
 @pytest.fixture(autouse=True)
