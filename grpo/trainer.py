@@ -337,20 +337,19 @@ class GRPOTrainer:
         return completion_logprobs(self.model, params, batch, temperature=self.args.temperature)
 
     def _build_step(self):
-        if self.args.lora_dropout == 0:
-            return make_train_step(
-                self.model, self.optimizer, self._loss_fn, cfg=self.args, group=self.group
-            )
-        # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
-        # state (the mlx-lm idiom); this keeps the masks fresh at every step.
+        dropout = self.args.lora_dropout != 0
         step = make_train_step(
             self.model,
             self.optimizer,
             self._loss_fn,
             cfg=self.args,
             group=self.group,
-            compile=False,
+            compile=not dropout,
         )
+        if not dropout:
+            return step
+        # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
+        # state (the mlx-lm idiom); this keeps the masks fresh at every step.
         return mx.compile(step, inputs=[mx.random.state], outputs=[mx.random.state])
 
     # -- properties ------------------------------------------------------------------------
