@@ -1,5 +1,8 @@
 """Small shared pieces for trainer-level tests (configs and prompts of the tiny runs)."""
 
+import numpy as np
+from mlx.utils import tree_flatten
+
 from grpo.config import GRPOConfig
 
 PROMPTS = [{"prompt": p} for p in ["a", "b", "cd", "efg", "hi", "jk", "lmn", "op"]]
@@ -20,3 +23,8 @@ def tiny_args(output_dir, **kw) -> GRPOConfig:
         seed=0,
     )
     return GRPOConfig(**{**base, **kw})
+
+
+def flat_numpy(tree) -> dict:
+    """A parameter (or optimizer-state) tree as ``{dotted.path: np.ndarray}``."""
+    return {k: np.array(v) for k, v in tree_flatten(tree)}

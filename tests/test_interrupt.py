@@ -17,9 +17,8 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
-from helpers import PROMPTS, tiny_args
+from helpers import PROMPTS, flat_numpy, tiny_args
 from grpo.io.checkpoint import REQUIRED, list_checkpoints, load_checkpoint
 from grpo.io.logging import read_metrics
 from grpo.io.signals import InterruptGuard, TrainingInterrupted
@@ -45,10 +44,6 @@ def _trainer(model_dir, out, reward=lengths, callbacks=(), **kw):
     )
 
 
-def _flat(tree):
-    return {k: np.array(v) for k, v in tree_flatten(tree)}
-
-
 def _assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
@@ -65,7 +60,7 @@ def straight(tiny_model_dir, tmp_path_factory):
         if key not in cache:
             t = _trainer(tiny_model_dir, tmp_path_factory.mktemp("straight"), **kw)
             t.train()
-            cache[key] = (_flat(t.state.params), _flat(t.state.opt_state), t.log_history)
+            cache[key] = (flat_numpy(t.state.params), flat_numpy(t.state.opt_state), t.log_history)
         return cache[key]
 
     return run
@@ -103,12 +98,12 @@ def test_signal_between_steps_saves_then_resume_matches(
     assert err.step == 2 and err.checkpoint == tmp_path / "checkpoint-2"
     assert first.global_step == 2
     state, meta = load_checkpoint(err.checkpoint, first.state)
-    _assert_same(_flat(state.params), _flat(first.state.params))
+    _assert_same(flat_numpy(state.params), flat_numpy(first.state.params))
     assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     params, opt, history = straight()
     assert resumed.global_step == 6
-    _assert_same(_flat(resumed.state.params), params)
-    _assert_same(_flat(resumed.state.opt_state), opt)
+    _assert_same(flat_numpy(resumed.state.params), params)
+    _assert_same(flat_numpy(resumed.state.opt_state), opt)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records] == [r["loss"] for r in history]
@@ -129,8 +124,8 @@ def test_signal_during_generation_abandons_it_and_rolls_back(tiny_model_dir, tmp
     _, meta = load_checkpoint(err.checkpoint, first.state)
     assert meta["sampler"]["position"] == 3 * 2  # 3 batches of 2 prompts
     params, opt, _ = straight()
-    _assert_same(_flat(resumed.state.params), params)
-    _assert_same(_flat(resumed.state.opt_state), opt)
+    _assert_same(flat_numpy(resumed.state.params), params)
+    _assert_same(flat_numpy(resumed.state.opt_state), opt)
 
 
 def test_signal_mid_generation_batch_finishes_its_steps(tiny_model_dir, tmp_path, straight):
@@ -142,8 +137,8 @@ def test_signal_mid_generation_batch_finishes_its_steps(tiny_model_dir, tmp_path
     )
     assert err.step == 4 and err.checkpoint == tmp_path / "checkpoint-4"
     params, opt, _ = straight(**kw)
-    _assert_same(_flat(resumed.state.params), params)
-    _assert_same(_flat(resumed.state.opt_state), opt)
+    _assert_same(flat_numpy(resumed.state.params), params)
+    _assert_same(flat_numpy(resumed.state.opt_state), opt)
 
 
 def test_guard_second_signal_raises_at_once_and_handlers_are_restored():
@@ -319,6 +314,6 @@ def test_a_killed_runs_half_written_saves_are_cleaned_or_restored(tiny_model_dir
     assert not [n for n in names if n.startswith(".")], names
     assert {"checkpoint-2", "checkpoint-3", "notes.txt"} <= set(names)
     _assert_same(
-        _flat(load_checkpoint(tmp_path / "checkpoint-2", first.state)[0].params),
-        _flat(first.state.params),
+        flat_numpy(load_checkpoint(tmp_path / "checkpoint-2", first.state)[0].params),
+        flat_numpy(first.state.params),
     )

@@ -23,7 +23,7 @@ from grpo.core.loss import completion_logprobs, grpo_loss
 from grpo.core.state import init_state
 from grpo.core.step import make_optimizer, make_train_step
 from grpo.trainer import GRPOTrainer, NonFiniteError
-from helpers import PROMPTS, tiny_args
+from helpers import PROMPTS, flat_numpy, tiny_args
 
 B, G, P, T = 2, 4, 3, 5
 N = B * G
@@ -200,7 +200,7 @@ def test_fully_masked_batches_do_not_move_the_weights(model, s):
     # gradient 0, and (with no weight decay) the weights stay exactly where they were.
     ids, mask, truncated = s["completions"]
     s = {**s, "completions": (ids, mask, np.ones(N, bool)), "mask_truncated": True}
-    before = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    before = flat_numpy(model.trainable_parameters())
     state, metrics = _one_step(model, s)
     assert metrics["loss"].item() == 0.0
     assert metrics["grad_norm"].item() == 0.0
@@ -221,11 +221,11 @@ class _Snapshots:
         self.params = {}
 
     def on_step_end(self, trainer, step, metrics):
-        self.params[step] = {k: np.array(v) for k, v in tree_flatten(trainer.state.params)}
+        self.params[step] = flat_numpy(trainer.state.params)
 
 
 def _assert_params(trainer, want):
-    got = {k: np.array(v) for k, v in tree_flatten(trainer.state.params)}
+    got = flat_numpy(trainer.state.params)
     assert got.keys() == want.keys()
     model_params = dict(tree_flatten(trainer.model.trainable_parameters()))
     for k in got:

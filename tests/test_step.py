@@ -8,9 +8,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from helpers import flat_numpy
 from hypothesis import given
 from hypothesis import strategies as st
-from mlx.utils import tree_flatten
 
 import grpo  # noqa: F401
 from grpo.config import GRPOConfig
@@ -77,10 +77,6 @@ def _data(K, n, T, D=3, seed=1, ragged=True):
         lengths[1:, :] = 1
     mask = (np.arange(T)[None, None, :] < lengths[..., None]).astype(np.float32)
     return x, mask
-
-
-def _flat(params):
-    return {k: np.array(v) for k, v in tree_flatten(params)}
 
 
 # -- schedules ---------------------------------------------------------------------------
@@ -159,8 +155,8 @@ def test_accumulated_step_equals_big_batch_step(per_token, loss_type):
     s_acc, m_acc = step_acc(s_acc, Toy(mx.array(x), mx.array(m)))
     np.testing.assert_allclose(m_acc["loss"].item(), m_big["loss"].item(), rtol=1e-5)
     np.testing.assert_allclose(m_acc["grad_norm"].item(), m_big["grad_norm"].item(), rtol=1e-5)
-    for k, v in _flat(s_big.params).items():
-        np.testing.assert_allclose(_flat(s_acc.params)[k], v, rtol=1e-5, atol=1e-7)
+    for k, v in flat_numpy(s_big.params).items():
+        np.testing.assert_allclose(flat_numpy(s_acc.params)[k], v, rtol=1e-5, atol=1e-7)
 
 
 def test_naive_mean_over_micro_batches_would_differ():
@@ -183,7 +179,7 @@ def test_grad_norm_and_clipping_against_numpy():
     cfg = _cfg(optim="sgd", max_grad_norm=0.01, lr_scheduler_type="constant", learning_rate=1.0)
     state, step = _setup(cfg)
     x, m = _data(1, 4, 5, ragged=False)
-    p0 = _flat(state.params)
+    p0 = flat_numpy(state.params)
     # NumPy gradient of mean((x w + b - 1)^2)
     X, M = x[0], m[0]
     resid = X @ p0["weight"][0] + p0["bias"][0] - 1.0
@@ -192,7 +188,7 @@ def test_grad_norm_and_clipping_against_numpy():
     norm = np.sqrt((gw**2).sum() + gb**2)
     state, metrics = step(state, Toy(mx.array(x), mx.array(m)))
     np.testing.assert_allclose(metrics["grad_norm"].item(), norm, rtol=1e-5)
-    p1 = _flat(state.params)
+    p1 = flat_numpy(state.params)
     scale = 0.01 / (norm + 1e-6)
     np.testing.assert_allclose(p0["weight"][0] - p1["weight"][0], gw * scale, rtol=1e-4)
     np.testing.assert_allclose(p0["bias"][0] - p1["bias"][0], gb * scale, rtol=1e-4)
@@ -207,15 +203,17 @@ def test_step_is_pure_and_compiled_equals_uncompiled():
     batch = Toy(mx.array(x), mx.array(m))
     s0, step_c = _setup(cfg)
     _, step_u = _setup(cfg, compile=False)
-    before = _flat(s0.params)
+    before = flat_numpy(s0.params)
     s1, _ = step_c(s0, batch)
     s1b, _ = step_c(s0, batch)
     s1u, _ = step_u(s0, batch)
-    assert _flat(s0.params).keys() == before.keys()
+    assert flat_numpy(s0.params).keys() == before.keys()
     for k, v in before.items():
-        np.testing.assert_array_equal(_flat(s0.params)[k], v)  # input state untouched
-        np.testing.assert_array_equal(_flat(s1.params)[k], _flat(s1b.params)[k])
-        np.testing.assert_allclose(_flat(s1.params)[k], _flat(s1u.params)[k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(flat_numpy(s0.params)[k], v)  # input state untouched
+        np.testing.assert_array_equal(flat_numpy(s1.params)[k], flat_numpy(s1b.params)[k])
+        np.testing.assert_allclose(
+            flat_numpy(s1.params)[k], flat_numpy(s1u.params)[k], rtol=1e-6, atol=1e-7
+        )
     assert not np.array_equal(np.array(s1.key), np.array(s0.key))
     assert isinstance(s1, TrainState) and s1.step.item() == 1
 

@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from helpers import PROMPTS, tiny_args
+from helpers import PROMPTS, flat_numpy, tiny_args
 from mlx.utils import tree_flatten
 
 import grpo  # noqa: F401
@@ -66,10 +66,6 @@ def _args(tmp_path, **kw):
     )
 
 
-def _flat(tree):
-    return {k: np.array(v) for k, v in tree_flatten(tree)}
-
-
 def _logits(model, params=None):
     if params is not None:
         model.update(params)
@@ -112,7 +108,7 @@ def test_lora_reference_is_base_and_saved_adapters_reload(trained, tiny_model_di
     ref_logits = _logits(trainer.model, trainer.policy.ref_params)
     np.testing.assert_array_equal(ref_logits, base_logits)  # adapters off == base, exactly
     assert np.abs(policy_logits - base_logits).max() > 1e-3  # training moved the policy
-    trainable = _flat(trainer.state.params)
+    trainable = flat_numpy(trainer.state.params)
     assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
 
     saved = trainer.save_model(tmp_path / "final")
@@ -171,12 +167,12 @@ def test_resume_replays_the_identical_trajectory(tiny_model_dir, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
     assert resumed.global_step == 6
 
-    want, got = _flat(straight.state.params), _flat(resumed.state.params)
+    want, got = flat_numpy(straight.state.params), flat_numpy(resumed.state.params)
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    for k, v in _flat(straight.state.opt_state).items():
-        np.testing.assert_array_equal(_flat(resumed.state.opt_state)[k], v, err_msg=k)
+    for k, v in flat_numpy(straight.state.opt_state).items():
+        np.testing.assert_array_equal(flat_numpy(resumed.state.opt_state)[k], v, err_msg=k)
     a = read_metrics(tmp_path / "a" / "metrics.jsonl")
     b = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -205,7 +201,7 @@ def test_full_finetune_keeps_a_frozen_reference(tiny_model_dir, tmp_path):
     policy_after = _logits(trainer.model, trainer.state.params)
     np.testing.assert_array_equal(ref_after, ref_before)  # the reference never moves
     assert np.abs(policy_after - policy_before).max() > 1e-4  # the policy does
-    assert len(_flat(trainer.state.params)) == len(tree_flatten(trainer.model.parameters()))
+    assert len(flat_numpy(trainer.state.params)) == len(tree_flatten(trainer.model.parameters()))
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert all(r["kl"] >= 0 and math.isfinite(r["kl"]) for r in records)
     assert records[-1]["kl"] > 0
@@ -218,7 +214,7 @@ def test_qlora_trains_adapters_on_a_quantized_base(tiny_model_dir, tmp_path):
     quantize(base, bits=4, group_size=32)
     trainer.train()
     assert is_quantized(trainer.model)
-    assert all(k.endswith(("lora_a", "lora_b")) for k in _flat(trainer.state.params))
+    assert all(k.endswith(("lora_a", "lora_b")) for k in flat_numpy(trainer.state.params))
     np.testing.assert_array_equal(_logits(trainer.model, trainer.policy.ref_params), _logits(base))
     assert np.abs(_logits(trainer.model, trainer.state.params) - _logits(base)).max() > 1e-4
     records = read_metrics(tmp_path / "metrics.jsonl")
@@ -328,7 +324,7 @@ def test_non_finite_step_stops_without_updating(tiny_model_dir, tmp_path):
     from grpo.trainer import NonFiniteError
 
     trainer = GRPOTrainer(str(tiny_model_dir), sevens, args=_args(tmp_path), train_dataset=PROMPTS)
-    before = _flat(trainer.state.params)
+    before = flat_numpy(trainer.state.params)
 
     def poisoned_step(state, batch):
         moved = state._replace(params={"junk": mx.zeros(1)}, step=state.step + 1)
@@ -337,7 +333,7 @@ def test_non_finite_step_stops_without_updating(tiny_model_dir, tmp_path):
     trainer._train_step = poisoned_step
     with pytest.raises(NonFiniteError, match=r"loss=nan at step 1"):
         trainer.train()
-    after = _flat(trainer.state.params)
+    after = flat_numpy(trainer.state.params)
     assert after.keys() == before.keys()
     assert all(np.array_equal(after[k], before[k]) for k in before)
     assert trainer.global_step == 0
