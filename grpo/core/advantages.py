@@ -104,19 +104,16 @@ def _group_spread(grouped: mx.array, *, eps: float):
     return std + eps, std
 
 
-def _batch_spread(grouped: mx.array, *, eps: float, group=None):
-    if dist.is_distributed(group):
-        # Groups are rank-local; the batch std spans every rank's rows.
-        std = dist.nan_mean_std(grouped, group=group)[1].reshape(1, 1)
-    else:
-        std = _std_or_zero(grouped, None, grouped.size)
-    return std + eps, std
-
-
 def _batch_mean_std(x: mx.array, *, group=None):
+    # Groups are rank-local; the batch statistics span every rank's rows.
     if dist.is_distributed(group):
         return dist.nan_mean_std(x, group=group)
     return nanmean(x), _std_or_zero(x, None, x.size)
+
+
+def _batch_spread(grouped: mx.array, *, eps: float, group=None):
+    std = _batch_mean_std(grouped, group=group)[1].reshape(1, 1)
+    return std + eps, std
 
 
 def _no_spread(grouped: mx.array, *, eps: float):
