@@ -19,7 +19,6 @@ multiple of ``save_steps``, and at the end), so resuming replays the identical t
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -69,9 +68,9 @@ from grpo.io.model import Policy, load_model, prepare_policy
 from grpo.io.signals import InterruptGuard, TrainingInterrupted
 from grpo.rewards import resolve_reward_funcs
 
-# Data parallelism under mlx.launch (docs/distributed.md) needs group-aware batch statistics
-# in the advantages; this flag says whether this build has them.
-DATA_PARALLEL = "group" in inspect.signature(make_advantages).parameters
+# Data parallelism under mlx.launch (docs/distributed.md) is supported (make_advantages takes
+# the group); tests/test_distributed.py reads this flag.
+DATA_PARALLEL = True
 # Present only when a rank has terminated completions; NaN elsewhere when all-reducing.
 _OPTIONAL_METRICS = (
     "completions/mean_terminated_length",
@@ -235,11 +234,6 @@ class GRPOTrainer:
     def _join(self, group: Any) -> None:
         self.group = init_distributed() if group == "auto" else group
         self.rank, self.world_size = D.rank(self.group), D.world_size(self.group)
-        if D.is_distributed(self.group) and not DATA_PARALLEL:
-            raise RuntimeError(
-                "data-parallel training needs grpo.core.advantages.make_advantages(group=...), "
-                "which this build lacks"
-            )
 
     @property
     def context_length(self) -> int | None:
@@ -299,12 +293,11 @@ class GRPOTrainer:
         self._logprobs = mx.compile(self._logprobs_fn)
 
     def _make_advantages(self, group_size: int):
-        kwargs = {"group": self.group} if DATA_PARALLEL else {}
         return make_advantages(
             group_size=group_size,
             scale=self.args.scale_rewards,
             aggregation=self.args.multi_objective_aggregation,
-            **kwargs,
+            group=self.group,
         )
 
     def _check_output_dir(self):
