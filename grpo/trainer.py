@@ -49,6 +49,7 @@ from grpo.io.data import (
     PromptEncoder,
     PromptSampler,
     PromptTooLongError,
+    _hf_tokenizer,
     check_prompts,
     column_names,
     decode_completions,
@@ -83,16 +84,12 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN/inf; the weights were not updated."""
 
 
-def _hf(tokenizer: Any) -> Any:
-    return getattr(tokenizer, "_tokenizer", tokenizer)
-
-
 def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
     """EOS ids of an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer."""
     ids = getattr(tokenizer, "eos_token_ids", None)
     if ids:
         return tuple(sorted(int(i) for i in ids))
-    eos = getattr(_hf(tokenizer), "eos_token_id", None)
+    eos = getattr(_hf_tokenizer(tokenizer), "eos_token_id", None)
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; completions could never end")
     return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
