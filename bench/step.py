@@ -50,28 +50,23 @@ import mlx.core as mx
 import mlx_lm
 
 # isort: on
+from workload import PROMPT_CHARS, G, digit_fraction, prompt_texts
+
 import grpo.trainer as trainer_mod
 from grpo.config import GRPOConfig
 from grpo.io.fast_attention import DEFAULT_BLOCK, install_block_attention  # noqa: F401  (bench/ab.py)
 from grpo.io.tiny import build_tiny_model
 from grpo.trainer import GRPOTrainer
 
-G = 8
-PROMPT_CHARS = 32
 PHASES = ("rollout", "scoring", "ref", "update")
 
 
 def digit_reward(completions, **_):
-    """Cheap deterministic reward: the fraction of digits in the completion."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    return digit_fraction(completions)
 
 
 def prompts(n: int, *, seed: int = 0) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz0123456789 "
-    return [{"prompt": "".join(rng.choice(letters) for _ in range(PROMPT_CHARS))} for _ in range(n)]
+    return [{"prompt": text} for text in prompt_texts(n, seed=seed)]
 
 
 def make_config(*, B: int, T: int, lora: bool, steps: int, out: str, **extra) -> GRPOConfig:

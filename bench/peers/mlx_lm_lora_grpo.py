@@ -19,24 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-PROMPT_CHARS = 32
-G = 8
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workload import G, digit_fraction, prompt_texts  # noqa: E402  (bench/workload.py, stdlib only)
 
 
 def digit_reward(prompts, completions, answer, types=None):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-def prompt_texts(n, seed=0):
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz0123456789 "
-    return ["".join(rng.choice(letters) for _ in range(PROMPT_CHARS)) for _ in range(n)]
+    return digit_fraction(completions)
 
 
 class NoEosTokenizer:

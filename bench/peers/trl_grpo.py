@@ -16,23 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-PROMPT_CHARS = 32
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workload import G, digit_fraction, prompt_texts  # noqa: E402  (bench/workload.py, stdlib only)
 
 
 def digit_reward(completions, **_):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    return digit_fraction(completions)
 
 
 def prompts(n, seed=0):
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz0123456789 "
-    return [{"prompt": "".join(rng.choice(letters) for _ in range(PROMPT_CHARS))} for _ in range(n)]
+    return [{"prompt": text} for text in prompt_texts(n, seed=seed)]
 
 
 def main():
@@ -55,7 +54,6 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    G = 8
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     peft_config = None
