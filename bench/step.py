@@ -48,6 +48,7 @@ import grpo  # noqa: F401  (loads the fast BLAS; must precede mlx)
 import attrs
 import mlx.core as mx
 import mlx_lm
+from mlx.utils import tree_flatten
 
 # isort: on
 from workload import PROMPT_CHARS, G, digit_fraction, prompt_texts
@@ -196,7 +197,7 @@ def run_cell(
         "mode": mode,
         "steps": len(measured),
         "warmup": warmup,
-        "params_trainable": sum(v.size for _, v in _flat(tr.state.params)),
+        "params_trainable": sum(v.size for _, v in tree_flatten(tr.state.params)),
         "median_s": med,
         "non_rollout_frac": 1 - med["rollout"] / med["total"],
         "completion_tok_s": n_completion / med["total"],
@@ -243,12 +244,6 @@ def logprob_memory(V: int, *, N: int = 8, T: int = 256, dtype=mx.bfloat16) -> di
         mx.clear_cache()
     out["grad_mb"] = N * T * V * (2 if dtype == mx.bfloat16 else 4) / 2**20
     return out
-
-
-def _flat(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 def environment() -> dict:
