@@ -224,7 +224,3 @@ def prepare_policy(model: nn.Module, cfg: Any, *, key: mx.array, base: str | Non
     adapters = add_lora(model, adapter_config, key=key)
     ref = lora_reference_params(adapters) if cfg.beta > 0 else None
     return Policy(model, adapters, ref, "lora", adapter_config)
-
-
-def count_parameters(tree: Any) -> int:
-    return sum(v.size for _, v in tree_flatten(tree))
