@@ -174,11 +174,6 @@ def _cli(*args):
     return [sys.executable, "-m", "grpo", "train", *args]
 
 
-def _cli_supports_resume() -> bool:
-    out = subprocess.run(_cli("--help"), capture_output=True, text=True, timeout=60)
-    return out.returncode == 0 and "--resume_from_checkpoint" in out.stdout
-
-
 FAST = [
     "--warm_start_steps", "0",
     "--max_steps", "16",
