@@ -471,7 +471,6 @@ class Run:
         self.warm_start = default_job.evolve_warm_start(**({} if ws is None else {"steps": ws}))
 
     def reward_funcs(self) -> list:
-        import grpo.tasks  # noqa: F401  (registers exact_match)
         from grpo.rewards import resolve_reward_funcs
 
         try:
