@@ -502,9 +502,8 @@ class Run:
         if not main:
             here = default_job.is_cached(default_job.model_dir(**spec))
             prefix = rank_prefix(group)
-            quiet = lambda msg: None  # noqa: E731
             path = default_job.ensure_model(
-                **spec, log=quiet if here else (lambda msg: print(prefix + msg))
+                **spec, log=_quiet if here else (lambda msg: print(prefix + msg))
             )
         return str(path)
 
