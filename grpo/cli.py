@@ -42,6 +42,11 @@ class UsageError(Exception):
     """A problem with the command line or its files: one line, exit code 2."""
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type name when the message is empty."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         if message.startswith("unrecognized arguments:"):
@@ -368,8 +373,7 @@ def load_yaml(path: str) -> dict:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--config {path}: not valid YAML ({first})") from e
+        raise UsageError(f"--config {path}: not valid YAML ({_first_line(e)})") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -521,8 +525,7 @@ class Run:
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise UsageError(f"--dataset {self.dataset}: {e}") from e
         except Exception as e:  # hub / network errors from datasets
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UsageError(f"--dataset {self.dataset}: cannot load it ({first})") from e
+            raise UsageError(f"--dataset {self.dataset}: cannot load it ({_first_line(e)})") from e
 
 
 def _load_model(path: str, adapter_path: str | None, *, trust_remote_code: bool):
@@ -535,8 +538,9 @@ def _load_model(path: str, adapter_path: str | None, *, trust_remote_code: bool)
             tokenizer_config={"trust_remote_code": True} if trust_remote_code else None,
         )
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--model {path}: cannot load it ({type(e).__name__}: {first})") from e
+        raise UsageError(
+            f"--model {path}: cannot load it ({type(e).__name__}: {_first_line(e)})"
+        ) from e
 
 
 # -- commands ------------------------------------------------------------------------------------
