@@ -55,7 +55,7 @@ from workload import PROMPT_CHARS, G, digit_fraction, prompt_texts
 
 import grpo.trainer as trainer_mod
 from grpo.config import GRPOConfig
-from grpo.io.fast_attention import DEFAULT_BLOCK, install_block_attention  # noqa: F401  (bench/ab.py)
+from grpo.io.fast_attention import DEFAULT_BLOCK, install_fast_kernels  # noqa: F401  (bench/ab.py)
 from grpo.io.tiny import build_tiny_model
 from grpo.trainer import GRPOTrainer
 
@@ -176,7 +176,7 @@ def run_cell(
     # Fixed-length completions: no EOS, so every step samples exactly T tokens per row.
     tr.sampling = attrs.evolve(tr.sampling, eos_ids=(), stop_sequences=())
     if attention_block is not None:
-        install_block_attention(tr.model, block=attention_block or None)
+        install_fast_kernels(tr.model, block=attention_block or None)
     probe = Probe(tr)
     probe.reset_peak_at = warmup
     load_before = os.getloadavg()[0]

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from grpo.config import GRPOConfig
 from grpo.core.batch import LossBatch, pack
 from grpo.core.loss import grpo_loss
-from grpo.io.fast_attention import block_causal_attention, install_block_attention
+from grpo.io.fast_attention import block_causal_attention, install_fast_kernels
 from grpo.io.model import prepare_policy
 
 
@@ -76,23 +76,23 @@ def test_block_causal_attention_rejects_bad_arguments():
         block_causal_attention(x, x[:, :, :2], x[:, :, :2], scale=1.0, block=2)
 
 
-def test_installed_model_forward_is_unchanged_and_generation_falls_through(tiny_model_dir):
+def test_installed_model_forward_and_decoding_are_unchanged(tiny_model_dir):
     model, _ = mlx_lm.load(str(tiny_model_dir))
     x = mx.random.randint(3, 60, (2, 50), key=mx.random.key(1))
-    install_block_attention(model, block=None)
+    install_fast_kernels(model, enabled=False)
     plain = model(x)
-    assert install_block_attention(model, block=8)
+    assert install_fast_kernels(model, block=8)
     blocked = model(x)
     np.testing.assert_allclose(np.array(blocked), np.array(plain), atol=1e-5)
-    # With a KV cache (decoding) the wrapper must defer to mlx-lm's function.
+    # With a KV cache (decoding) the kernels must match mlx-lm's function too.
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     step = model(x[:, :10], cache=cache)
-    install_block_attention(model, block=None)
+    install_fast_kernels(model, enabled=False)
     cache2 = make_prompt_cache(model)
     np.testing.assert_allclose(np.array(step), np.array(model(x[:, :10], cache=cache2)), atol=1e-5)
-    install_block_attention(model)  # back to the default other tests expect
+    install_fast_kernels(model)  # back to the default other tests expect
 
 
 def _loss_and_grads(model_dir, *, checkpointing: bool, use_lora: bool):

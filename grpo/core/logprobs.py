@@ -17,6 +17,8 @@ import math
 
 import mlx.core as mx
 
+from grpo.core import fastmath
+
 # 2**22 float32 elements = 16 MiB of temporaries per chunk.
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
 
@@ -60,16 +62,16 @@ def _gathered(z: mx.array, tokens: mx.array) -> mx.array:
 
 def _logp_chunk(logits: mx.array, tokens: mx.array, temperature: float) -> mx.array:
     z = _scaled_f32(logits, temperature)
-    return _gathered(z, tokens) - mx.logsumexp(z, axis=-1)
+    return _gathered(z, tokens) - fastmath.logsumexp(z, axis=-1)
 
 
 def _logp_entropy_chunk(logits: mx.array, tokens: mx.array, temperature: float):
     z = _scaled_f32(logits, temperature)
-    lse = mx.logsumexp(z, axis=-1, keepdims=True)
+    lse = fastmath.logsumexp(z, axis=-1, keepdims=True)
     logp_all = z - lse
     # -sum p log p on the normalised log-probs (TRL's entropy_from_logits), not lse - sum p z,
     # which cancels badly for large logits.
-    entropy = -(mx.exp(logp_all) * logp_all).sum(axis=-1)
+    entropy = -(fastmath.exp(logp_all) * logp_all).sum(axis=-1)
     return _gathered(z, tokens) - lse[..., 0], entropy
 
 
@@ -80,7 +82,7 @@ def _grad_chunk(logits, tokens, cotangents, outputs, temperature):
     z = _scaled_f32(logits, temperature)
     lse = _gathered(z, tokens) - outputs[0]
     logp_all = z - lse[..., None]
-    p = mx.exp(logp_all)
+    p = fastmath.exp(logp_all)
     onehot = mx.arange(z.shape[-1])[None, None, :] == tokens[..., None].astype(mx.int32)
     g = (onehot.astype(mx.float32) - p) * cotangents[0][..., None]
     if len(cotangents) > 1:

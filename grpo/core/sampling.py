@@ -15,6 +15,8 @@ from collections.abc import Callable
 import attrs
 import mlx.core as mx
 
+from grpo.core import fastmath
+
 Transform = Callable[[mx.array, mx.array], mx.array]
 
 
@@ -168,7 +170,7 @@ def apply_top_p(logits: mx.array, *, p: float) -> mx.array:
         return logits
     order = mx.argsort(-logits, axis=-1)
     sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-    probs = mx.softmax(sorted_logits, axis=-1, precise=True)
+    probs = fastmath.softmax(sorted_logits, axis=-1)
     mass_above = mx.cumsum(probs, axis=-1) - probs
     # Smallest kept logit per row; everything at or above it stays.
     threshold = mx.min(mx.where(mass_above < p, sorted_logits, mx.inf), axis=-1, keepdims=True)
@@ -222,14 +224,39 @@ def make_transform(cfg: SamplingConfig) -> Transform:
     return transform
 
 
+def draw(z: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+    """One token per row from ``softmax(z)`` by inverting its CDF, and ``logsumexp(z)``.
+
+    .. math:: y = \\min\\{v : \\textstyle\\sum_{u \\le v} e^{z_u - m} \\ge U \\sum_u e^{z_u - m}\\},
+        \\quad U \\sim \\mathcal{U}(0, 1]
+
+    One ``exp`` pass serves both the draw and the normaliser (Gumbel-max would add two
+    ``log`` passes over ``[N, V]``). ``U > 0`` and the threshold is taken from the same
+    cumulative sum, so a token with ``z = -inf`` (zero mass) is never drawn.
+
+    Args:
+        z: ``[N, V]`` float32 logits (entries may be ``-inf``, each row has a finite one).
+        key: RNG key.
+
+    Returns:
+        ``(tokens [N] int32, logsumexp [N, 1] float32)``.
+    """
+    m = mx.stop_gradient(mx.max(z, axis=-1, keepdims=True))
+    cdf = mx.cumsum(fastmath.exp(z - m), axis=-1)
+    total = cdf[:, -1:]
+    u = 1.0 - mx.random.uniform(shape=total.shape, key=key)
+    tokens = mx.minimum(mx.sum(cdf < u * total, axis=-1), z.shape[-1] - 1)
+    return tokens.astype(mx.int32), m + mx.log(total)
+
+
 def make_sample_fn(
     cfg: SamplingConfig,
 ) -> Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]:
     """``(logits [N, V], seen [N, V], key) -> (tokens [N] int32, logprobs [N] float32)``.
 
-    Tokens are drawn from ``softmax(transform(logits))`` with ``key`` (argmax when
-    greedy); log-probs are of the drawn token under that same distribution. Greedy
-    returns log-probs under the untempered (``tau = 1``) distribution after the
+    Tokens are drawn from ``softmax(transform(logits))`` with ``key`` (:func:`draw`;
+    argmax when greedy); log-probs are of the drawn token under that same distribution.
+    Greedy returns log-probs under the untempered (``tau = 1``) distribution after the
     repetition penalty, since the point mass it samples from carries no information.
     """
     transform = make_transform(cfg)
@@ -237,11 +264,11 @@ def make_sample_fn(
     def sample(logits: mx.array, seen: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
         z = transform(logits.astype(mx.float32), seen)
         if cfg.greedy:
-            tokens = mx.argmax(z, axis=-1)
+            tokens = mx.argmax(z, axis=-1).astype(mx.int32)
+            lse = fastmath.logsumexp(z, axis=-1, keepdims=True)
         else:
-            tokens = mx.random.categorical(z, axis=-1, key=key)
-        logp = z - mx.logsumexp(z, axis=-1, keepdims=True)
-        picked = mx.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-        return tokens.astype(mx.int32), picked
+            tokens, lse = draw(z, key)
+        picked = mx.take_along_axis(z, tokens[:, None], axis=-1)[:, 0] - lse[:, 0]
+        return tokens, picked
 
     return sample

@@ -1,17 +1,21 @@
-"""Block-causal attention for full-sequence forwards (loss, reference and old log-probs).
+"""Faster CPU attention and SwiGLU for mlx-lm models, installed by name in the model's module.
 
-MLX's CPU ``scaled_dot_product_attention`` has no fused kernel: it forms every score of
-the ``[L, L]`` matrix, masks the upper triangle and runs a softmax whose ``exp`` is the
-slowest op of the CPU backend (scalar, single-threaded). On the GRPO loss forward this is
-most of the step (docs/benchmarks.md). Splitting the queries into blocks of ``block`` rows,
-each attending only to the keys up to its own last row, skips the masked work: with
-``n = ceil(L / block)`` blocks the scores computed drop to about ``(n + 1) / (2n)`` of
-``L^2``. The result is the same softmax (masked scores contribute exactly 0); only the
-summation order inside a row can differ, at float32 rounding level.
+MLX's CPU ``scaled_dot_product_attention`` has no fused kernel: it forms every score,
+masks, and runs a softmax whose ``exp`` is the slowest op of the CPU backend (scalar,
+single-threaded); the MLP's SiLU is the same ``exp`` again. Two changes, both exact up to
+float32 rounding, route around that (docs/benchmarks.md has the before/after figures):
 
-Only the cache-free, ``mask="causal"`` call of a full sequence takes this path; decoding
-with a KV cache, explicit masks, attention sinks and GPU (Metal/CUDA) devices keep mlx-lm's
-own function.
+- :func:`attention` is the same ``softmax(q k^T * scale + mask) v`` as MLX's CPU fallback,
+  with the softmax from :mod:`grpo.core.fastmath` and the grouped-query heads folded into
+  the rows of one matmul per KV head (no broadcast copies of the keys).
+- :func:`block_causal_attention` splits a cache-free causal forward (loss, reference and
+  old log-probs) into blocks of query rows that each see only the keys up to their own
+  last row, so the masked upper triangle is never computed: with ``n = ceil(L / block)``
+  blocks the scores computed drop to about ``(n + 1) / (2n)`` of ``L^2``.
+
+:func:`install_fast_kernels` points the ``scaled_dot_product_attention`` and ``swiglu``
+names of the mlx-lm module that defines a model at these, on the CPU device only; calls
+with attention sinks, and every call on Metal/CUDA, keep mlx-lm's own functions.
 """
 
 from __future__ import annotations
@@ -21,7 +25,61 @@ from typing import Any
 
 import mlx.core as mx
 
+from grpo.core import fastmath
+
 DEFAULT_BLOCK = 64
+
+
+def _causal(L: int, S: int) -> mx.array:
+    # Query row i (of the last L positions) sees keys up to S - L + i, as MLX's "causal".
+    return mx.arange(S)[None, :] <= (mx.arange(L) + (S - L))[:, None]
+
+
+def _fold_mask(mask: mx.array, Hkv: int, rep: int, L: int, S: int) -> mx.array:
+    # A mask broadcastable to [B, Hq, L, S] -> [B, 1 or Hkv, rep * L, S], rows ordered (rep, L).
+    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    Bm, Hm = m.shape[0], m.shape[1]
+    if Hm == 1:
+        m = mx.broadcast_to(m[:, :, None], (Bm, 1, rep, L, S))
+        return m.reshape(Bm, 1, rep * L, S)
+    m = mx.broadcast_to(m, (Bm, Hm, L, S))
+    return m.reshape(Bm, Hkv, rep * L, S)
+
+
+def attention(
+    queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask=None
+) -> mx.array:
+    """``softmax(q k^T * scale + mask) v`` as MLX's CPU fallback computes it, with a fast softmax.
+
+    Args:
+        queries: ``[B, Hq, L, D]``.
+        keys: ``[B, Hkv, S, D]`` (``Hq`` a multiple of ``Hkv``, ``S >= L``).
+        values: ``[B, Hkv, S, Dv]``.
+        scale: score scale.
+        mask: ``None``, ``"causal"``, or an array broadcastable to ``[B, Hq, L, S]``: bool
+            (False = masked, a fully masked row attends uniformly, as in MLX) or additive.
+
+    Returns:
+        ``[B, Hq, L, Dv]``.
+    """
+    B, Hq, L, D = queries.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    rep = Hq // Hkv
+    # Heads sharing a KV head become extra query rows: one [rep*L, S] matmul per KV head.
+    q = (queries * scale).reshape(B, Hkv, rep * L, D)
+    scores = q @ keys.swapaxes(-1, -2)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"attention: unknown mask {mask!r} (expected 'causal')")
+        mask = _causal(L, S)
+    if mask is not None:
+        m = _fold_mask(mask, Hkv, rep, L, S)
+        if m.dtype == mx.bool_:
+            scores = mx.where(m, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + m.astype(scores.dtype)
+    p = fastmath.softmax(scores, axis=-1).astype(values.dtype)
+    return (p @ values).reshape(B, Hq, L, -1)
 
 
 def block_causal_attention(
@@ -47,15 +105,12 @@ def block_causal_attention(
             f"block_causal_attention: needs as many keys as queries; got queries "
             f"{tuple(queries.shape)}, keys {tuple(keys.shape)}"
         )
-    sdpa = mx.fast.scaled_dot_product_attention
-    if L <= block:
-        return sdpa(queries, keys, values, scale=scale, mask="causal")
     outs = []
     for start in range(0, L, block):
         stop = min(start + block, L)
         # "causal" aligns the q rows with the last keys: rows start..stop-1 see keys < row+1.
         outs.append(
-            sdpa(
+            attention(
                 queries[:, :, start:stop],
                 keys[:, :, :stop],
                 values[:, :, :stop],
@@ -66,45 +121,59 @@ def block_causal_attention(
     return mx.concatenate(outs, axis=2)
 
 
-def _wrap(original, block: int):
+def _wrap(original, block: int | None):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if sinks is not None or not fastmath.on_cpu():
+            return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        L = queries.shape[2]
         if (
             cache is None
-            and sinks is None
             and isinstance(mask, str)
             and mask == "causal"
-            and queries.shape[2] == keys.shape[2]
-            and queries.shape[2] > block
+            and block
+            and keys.shape[2] == L > block
         ):
             return block_causal_attention(queries, keys, values, scale=scale, block=block)
-        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        return attention(queries, keys, values, scale=scale, mask=mask)
 
     scaled_dot_product_attention.grpo_original = original
     scaled_dot_product_attention.grpo_block = block
     return scaled_dot_product_attention
 
 
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu or not mx.metal.is_available()
-
-
-def install_block_attention(model: Any, *, block: int | None = DEFAULT_BLOCK) -> bool:
-    """Route ``model``'s cache-free causal attention through :func:`block_causal_attention`.
-
-    Patches the ``scaled_dot_product_attention`` name of the mlx-lm module that defines
-    ``model`` (every instance of that architecture in this process is affected, which is
-    harmless: other calls fall through unchanged). ``block=None`` restores mlx-lm's
-    function. Returns True when the block path is installed.
-    """
-    module = sys.modules.get(type(model).__module__)
-    current = getattr(module, "scaled_dot_product_attention", None)
+def _swap(module, name: str, make) -> None:
+    current = getattr(module, name, None)
     if current is None:
-        return False
+        return
     original = getattr(current, "grpo_original", current)
-    if block is None or not _on_cpu():
-        module.scaled_dot_product_attention = original
+    setattr(module, name, original if make is None else make(original))
+
+
+def _fast_swiglu(original):
+    def swiglu(gate, x):
+        return fastmath.swiglu(gate, x) if fastmath.on_cpu() else original(gate, x)
+
+    swiglu.grpo_original = original
+    return swiglu
+
+
+def install_fast_kernels(
+    model: Any, *, block: int | None = DEFAULT_BLOCK, enabled: bool = True
+) -> bool:
+    """Route ``model``'s attention and SwiGLU through this module's CPU kernels.
+
+    Patches the ``scaled_dot_product_attention`` and ``swiglu`` names of the mlx-lm module
+    that defines ``model`` (every instance of that architecture in this process is
+    affected, which is harmless: the kernels compute the same function, and GPU calls
+    fall through unchanged). ``block=None`` turns off only the block-causal split;
+    ``enabled=False`` restores mlx-lm's functions. Returns True when the kernels are in.
+    """
+    if block is not None and block < 1:
+        raise ValueError(f"attention block must be >= 1 or None, got {block!r}")
+    module = sys.modules.get(type(model).__module__)
+    if module is None or not hasattr(module, "scaled_dot_product_attention"):
         return False
-    if block < 1:
-        raise ValueError(f"attention_block_size must be >= 1 or None, got {block!r}")
-    module.scaled_dot_product_attention = _wrap(original, block)
-    return True
+    on = enabled and fastmath.on_cpu()
+    _swap(module, "scaled_dot_product_attention", (lambda o: _wrap(o, block)) if on else None)
+    _swap(module, "swiglu", _fast_swiglu if on else None)
+    return on
