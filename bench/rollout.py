@@ -36,12 +36,16 @@ from mlx_lm.sample_utils import make_sampler
 
 from grpo.core.rollout import rollout
 from grpo.core.sampling import SamplingConfig
+from grpo.io.fast_attention import install_fast_kernels
 from grpo.io.tiny import build_tiny_model
 
 G, T, P = 8, 64, 128
 
 
-def engine_rollout(model, tokenizer, prompts, seed):
+def engine_rollout(model, tokenizer, prompts, seed, *, fast=True):
+    # grpo's loaders install the CPU kernels; a bare mlx_lm.load model gets them here, and
+    # the other engines take them out again so they run mlx-lm's own functions.
+    install_fast_kernels(model, enabled=fast)
     cfg = SamplingConfig(group_size=G, max_tokens=T, temperature=1.0, eos_ids=())
     r = rollout(model.parameters(), mx.random.key(seed), prompts, model=model, sampling=cfg)
     mx.eval(r)
@@ -49,8 +53,23 @@ def engine_rollout(model, tokenizer, prompts, seed):
     return r.completion_ids.size
 
 
+_TWINS: dict = {}
+
+
+def engine_rollout_mlx_kernels(model, tokenizer, prompts, seed):
+    """rollout on mlx's own CPU kernels, on a twin of ``model`` (same weights) so its
+    compiled decode step is traced without the fast kernels."""
+    twin = _TWINS.get(id(model))
+    if twin is None:
+        twin = _TWINS[id(model)] = type(model)(model.args)
+        twin.update(model.parameters())
+        twin.eval()
+    return engine_rollout(twin, tokenizer, prompts, seed, fast=False)
+
+
 def engine_mlx_lm(model, tokenizer, prompts, seed):
     """mlx-lm's own batched generation (BatchGenerator, what batch_generate drives) of the B*G rows."""
+    install_fast_kernels(model, enabled=False)
     rows = [p for p in prompts for _ in range(G)]
     mx.random.seed(seed)
     gen = BatchGenerator(model, max_tokens=T, stop_tokens=None, sampler=make_sampler(temp=1.0),
@@ -83,6 +102,7 @@ class _NoEosTokenizer:
 def engine_mlx_lm_lora(model, tokenizer, prompts, seed):
     from mlx_lm_lora.trainer.grpo_trainer import generate_grpo
 
+    install_fast_kernels(model, enabled=False)
     mx.random.seed(seed)
     completions, _, _ = generate_grpo(
         model, _NoEosTokenizer(tokenizer), [mx.array(p) for p in prompts], max_tokens=T,
@@ -162,9 +182,13 @@ def main():
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-compaction", action="store_true", help="skip the compaction on/off run")
+    ap.add_argument("--ab", action="store_true",
+                    help="also time rollout on mlx's own CPU kernels (install_fast_kernels off)")  # fmt: skip
     args = ap.parse_args()
 
     engines = {"rollout": engine_rollout, "mlx-lm": engine_mlx_lm}
+    if args.ab:
+        engines["rollout, mlx kernels"] = engine_rollout_mlx_kernels
     why = lora_available()
     if why is None:
         engines["mlx-lm-lora"] = engine_mlx_lm_lora

@@ -22,6 +22,17 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fast_kernels_installed():
+    """grpo's loaders install its CPU kernels in the mlx-lm Llama module; tests that load
+    through ``mlx_lm.load`` get the same state from the start, whatever runs first."""
+    from mlx_lm.models import llama
+
+    from grpo.io.fast_attention import install_fast_kernels
+
+    assert install_fast_kernels(llama)
+
+
 @pytest.fixture
 def key():
     """A fresh explicit RNG key (equinox's getkey)."""

@@ -14,7 +14,8 @@ from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from mlx_lm.models import llama
 from strategies import arrays
 
-from grpo.core.rollout import Rollout, Sampler, rollout
+from grpo.core import rollout as rollout_module
+from grpo.core.rollout import Rollout, Sampler, rollout, shares_prefix
 from grpo.core.sampling import (
     SamplingConfig,
     apply_min_p,
@@ -25,6 +26,20 @@ from grpo.core.sampling import (
 )
 
 TEXTS = ("hello world", "a", "the quick brown fox jumps")
+
+
+@pytest.fixture(autouse=True, params=["mlx-kernels", "fast-kernels"])
+def kernels(request):
+    """Every test runs on mlx-lm's own attention and cache layout, and on grpo's CPU kernels
+    with the shared-prefix decode cache (``install_fast_kernels``)."""
+    from grpo.io.fast_attention import install_fast_kernels
+
+    fast = request.param == "fast-kernels"
+    install_fast_kernels(llama, enabled=fast)
+    rollout_module._STEPS.clear()  # compiled decode steps are traced per kernel set
+    yield fast
+    install_fast_kernels(llama)  # the session default (conftest)
+    rollout_module._STEPS.clear()
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +81,29 @@ def _teacher_forced(model, prompt, completion, temperature=1.0):
 def _rows(r: Rollout, i):
     P, T = int(r.prompt_lengths[i]), int(r.completion_lengths[i])
     return r.prompt_ids[i, :P].tolist(), r.completion_ids[i, :T].tolist()
+
+
+def test_shared_prefix_cache_follows_the_kernels(model_tok, kernels):
+    assert shares_prefix(model_tok[0]) == kernels
+
+
+def test_shared_prefix_layout_gives_the_same_rollout(model_tok, prompts, kernels):
+    # The prompt stored once per group (SharedPrefixKVCache) vs once per row: same tokens
+    # and log-probs to float32 rounding, on ragged prompts, through a grown KV capacity.
+    if not kernels:
+        pytest.skip("the shared layout needs the fast kernels")
+    model, _ = model_tok
+    kw = dict(group_size=3, max_tokens=40, temperature=1.0)
+    shared = _run(model, prompts, key=5, **kw)
+    rollout_module._STEPS.clear()
+    original = rollout_module.shares_prefix
+    rollout_module.shares_prefix = lambda m: False
+    try:
+        per_row = _run(model, prompts, key=5, **kw)
+    finally:
+        rollout_module.shares_prefix = original
+    np.testing.assert_array_equal(np.array(shared.completion_ids), np.array(per_row.completion_ids))
+    np.testing.assert_allclose(np.array(shared.logprobs), np.array(per_row.logprobs), atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

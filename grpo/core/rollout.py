@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import weakref
 from typing import NamedTuple, Protocol
 
@@ -206,8 +207,11 @@ class FixedBatchKVCache(BatchKVCache):
         self._idx = keys.shape[2]
         self._right_padding = None
 
+    def _column(self) -> mx.array:
+        return self.pos
+
     def update_and_fetch(self, keys, values):
-        start = self.pos.reshape(1)
+        start = self._column().reshape(1)
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
         return self.keys, self.values
@@ -218,6 +222,44 @@ class FixedBatchKVCache(BatchKVCache):
         return causal & (cols >= self.left_padding[:, None, None, None])
 
 
+class SharedPrefixKVCache(FixedBatchKVCache):
+    """A decode cache that holds each prompt's keys/values once, not once per group row.
+
+    ``prefix_keys``/``prefix_values`` are ``[B, H, P, D]`` (the prefilled prompts);
+    ``keys``/``values`` are ``[N, H, S, D]`` with only the completion columns, ``N = B*G``
+    rows group-contiguous. Column ``pos`` of the full sequence is suffix column ``pos - P``.
+    Only an attention function that reads the prefix from the cache can use it (the
+    ``scaled_dot_product_attention`` that ``grpo.io.fast_attention`` installs, marked
+    ``grpo_prefix_caches``); ``rollout`` falls back to :class:`FixedBatchKVCache` otherwise.
+    """
+
+    def __init__(self, prefix_keys, prefix_values, keys, values, left_padding, pos):
+        super().__init__(keys, values, left_padding, pos)
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+
+    def _column(self) -> mx.array:
+        return self.pos - self.prefix_keys.shape[2]
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        return None  # the attention builds both masks from prefix_mask / suffix_mask
+
+    def prefix_mask(self) -> mx.array:
+        """``[B, 1, 1, P]`` bool: prompt columns past each prompt's left padding."""
+        B, P = self.prefix_keys.shape[0], self.prefix_keys.shape[2]
+        first = self.left_padding.reshape(B, -1)[:, :1]
+        return (mx.arange(P)[None, :] >= first)[:, None, None, :]
+
+    def suffix_mask(self) -> mx.array:
+        """``[S]`` bool: completion columns written so far (every row is at the same step)."""
+        return mx.arange(self.keys.shape[2]) <= self._column()
+
+
+def shares_prefix(model) -> bool:
+    """True when ``model``'s attention reads :class:`SharedPrefixKVCache` prefixes."""
+    fn = getattr(sys.modules.get(type(model).__module__), "scaled_dot_product_attention", None)
+    return bool(getattr(fn, "grpo_prefix_caches", False))
+
+
 _STEPS: dict[int, dict] = {}  # id(model) -> {SamplingConfig: compiled step}
 TRACES = [0]  # decode-step traces so far (a test asserts no retrace after warm-up)
 
@@ -226,8 +268,10 @@ class DecodeState(NamedTuple):
     """Arrays carried from one decode step to the next (``n`` live rows, ``C`` columns)."""
 
     tokens: mx.array  # [n] int32, last sampled token (fed next)
-    keys: list  # L x [n, H, C, D]
+    keys: list  # L x [n, H, C, D]; with a shared prefix, completion columns only
     values: list  # L x [n, H, C, D]
+    prefix_keys: list  # L x [B, H, P, D] shared prompt keys, or [] (prompt columns in keys)
+    prefix_values: list  # L x [B, H, P, D], or []
     left_padding: mx.array  # [n] int32
     seen: mx.array  # [n, V] bool (repetition penalty) or [1, 1] placeholder
     recent: mx.array  # [n, S] int32, last S sampled tokens (stop-sequence window)
@@ -251,10 +295,18 @@ def _make_step(model_ref, sampling):
         TRACES[0] += 1
         model = model_ref()
         model.update(params)
-        cache = [
-            FixedBatchKVCache(k, v, state.left_padding, pos)
-            for k, v in zip(state.keys, state.values, strict=True)
-        ]
+        if state.prefix_keys:
+            cache = [
+                SharedPrefixKVCache(pk, pv, k, v, state.left_padding, pos)
+                for pk, pv, k, v in zip(
+                    state.prefix_keys, state.prefix_values, state.keys, state.values, strict=True
+                )
+            ]
+        else:
+            cache = [
+                FixedBatchKVCache(k, v, state.left_padding, pos)
+                for k, v in zip(state.keys, state.values, strict=True)
+            ]
         logits = model(state.tokens[:, None], cache=cache)[:, -1, :]
         tokens, logprobs = sample(logits, state.seen, key)
         state = _advance(state, tokens, sampling)
@@ -293,17 +345,28 @@ def _seen_tokens(prompts, G, V):
     return mx.array(np.repeat(seen, G, axis=0))
 
 
-def _initial_state(cache, prompts, sampling, V) -> DecodeState:
-    # Prefix sharing: gather prompt b's prefilled keys/values into its G rows.
+def _initial_state(cache, prompts, sampling, V, *, shared: bool) -> DecodeState:
+    # Prefix sharing: prompt b's prefilled keys/values serve its G rows, either kept once
+    # (shared, read by the prefix-aware attention) or gathered into each row.
     G = sampling.group_size
     rows = mx.repeat(mx.arange(len(prompts)), G)
     P = cache[0].size()
     S = max([len(s) for s in sampling.stop_sequences] + [1])
     penalty = sampling.repetition_penalty != 1.0
+    prefix_k = [c.keys[..., :P, :] for c in cache]
+    prefix_v = [c.values[..., :P, :] for c in cache]
+    if shared:
+        empty = [mx.zeros((len(rows), *k.shape[1:2], 0, k.shape[3]), k.dtype) for k in prefix_k]
+        keys, values = empty, list(empty)
+    else:
+        keys, values = [k[rows] for k in prefix_k], [v[rows] for v in prefix_v]
+        prefix_k, prefix_v = [], []
     return DecodeState(
         tokens=mx.zeros((len(rows),), mx.int32),
-        keys=[c.keys[..., :P, :][rows] for c in cache],
-        values=[c.values[..., :P, :][rows] for c in cache],
+        keys=keys,
+        values=values,
+        prefix_keys=prefix_k,
+        prefix_values=prefix_v,
         left_padding=cache[0].left_padding[rows].astype(mx.int32),
         seen=_seen_tokens(prompts, G, V) if penalty else mx.zeros((1, 1), mx.bool_),
         recent=mx.full((len(rows), S), -1, mx.int32),
@@ -314,8 +377,9 @@ def _initial_state(cache, prompts, sampling, V) -> DecodeState:
 def _grow(state: DecodeState, pos: int) -> DecodeState:
     # Capacity grows in KV_BUCKET columns so attention cost follows the length and the
     # compiled step sees a few recurring shapes (P and the bucket are both bucketed).
+    P = state.prefix_keys[0].shape[2] if state.prefix_keys else 0
     C = state.keys[0].shape[2]
-    if pos < C:
+    if pos - P < C:
         return state
     pad = [(0, 0), (0, 0), (0, KV_BUCKET), (0, 0)]
     return state._replace(
@@ -333,6 +397,7 @@ def _compact(state: DecodeState, rows: np.ndarray, ended: np.ndarray):
     size = 1 << int(np.ceil(np.log2(len(live))))
     if size >= n:
         return state, rows
+    state = _unshare(state)
     dead = np.flatnonzero(ended | (rows < 0))[: size - len(live)]
     keep = np.concatenate([live, dead])
     new_rows = np.concatenate([rows[live], np.full(len(dead), -1)])
@@ -340,6 +405,25 @@ def _compact(state: DecodeState, rows: np.ndarray, ended: np.ndarray):
     take = lambda x: x[idx] if x.shape[0] == n else x  # noqa: E731  ([1, 1] placeholder stays)
     state = DecodeState(*[[take(a) for a in x] if isinstance(x, list) else take(x) for x in state])
     return state, new_rows
+
+
+def _unshare(state: DecodeState) -> DecodeState:
+    # Compaction breaks the group-contiguous rows the shared prefix relies on: put each
+    # row's prompt columns back in front of its completion columns first.
+    if not state.prefix_keys:
+        return state
+    B, N = state.prefix_keys[0].shape[0], state.keys[0].shape[0]
+    rows = mx.repeat(mx.arange(B), N // B)
+
+    def join(prefix, suffix):
+        return [mx.concatenate([p[rows], s], axis=2) for p, s in zip(prefix, suffix, strict=True)]
+
+    return state._replace(
+        keys=join(state.prefix_keys, state.keys),
+        values=join(state.prefix_values, state.values),
+        prefix_keys=[],
+        prefix_values=[],
+    )
 
 
 class _Segments:
@@ -376,7 +460,7 @@ def _decode(model, cache, logits, key, prompts, sampling):
     """Sample up to ``max_tokens`` tokens for all ``N`` rows (ids, log-probs ``[N, T]``)."""
     G, T = sampling.group_size, sampling.max_tokens
     rows = mx.repeat(mx.arange(len(prompts)), G)
-    state = _initial_state(cache, prompts, sampling, logits.shape[-1])
+    state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=shares_prefix(model))
     step_keys = mx.random.split(key, T)
     state, lp = _compiled_first(sampling)(logits[rows], state, step_keys[0])
     out = _Segments(len(prompts) * G)

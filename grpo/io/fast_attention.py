@@ -21,6 +21,7 @@ with attention sinks, and every call on Metal/CUDA, keep mlx-lm's own functions.
 from __future__ import annotations
 
 import sys
+import types
 from typing import Any
 
 import mlx.core as mx
@@ -82,6 +83,43 @@ def attention(
     return (p @ values).reshape(B, Hq, L, -1)
 
 
+def prefix_attention(queries: mx.array, keys: mx.array, values: mx.array, cache, *, scale: float):
+    """One decode step's attention over a prompt prefix shared by each group of rows.
+
+    ``cache`` is a :class:`grpo.core.rollout.SharedPrefixKVCache`: ``prefix_keys`` /
+    ``prefix_values`` ``[B, Hkv, P, D]`` hold each prompt once, ``keys`` / ``values``
+    ``[N, Hkv, S, D]`` (``N = B * G``, group-contiguous) the completion columns. The scores
+    against the prefix are one matmul per prompt and KV head with the group's ``G * rep``
+    query rows, instead of ``G`` copies of the prompt; both parts share one softmax, so
+    the result is :func:`attention` over the concatenated columns.
+
+    Args:
+        queries: ``[N, Hq, 1, D]``.
+        keys: ``[N, Hkv, S, D]`` completion keys.
+        values: ``[N, Hkv, S, Dv]``.
+        cache: the layer's cache (``prefix_keys``, ``prefix_values``, ``prefix_mask()``
+            ``[B, 1, 1, P]``, ``suffix_mask()`` ``[S]``).
+        scale: score scale.
+
+    Returns:
+        ``[N, Hq, 1, Dv]``.
+    """
+    N, Hq, _, D = queries.shape
+    B, Hkv, P, _ = cache.prefix_keys.shape
+    G, rep = N // B, Hq // Hkv
+    low = mx.finfo(queries.dtype).min
+    q = (queries * scale).reshape(B, G, Hkv, rep, D)
+    grouped = q.transpose(0, 2, 1, 3, 4).reshape(B, Hkv, G * rep, D)
+    sp = mx.where(cache.prefix_mask(), grouped @ cache.prefix_keys.swapaxes(-1, -2), low)
+    sp = sp.reshape(B, Hkv, G, rep, P).transpose(0, 2, 1, 3, 4).reshape(N, Hkv, rep, P)
+    ss = mx.where(cache.suffix_mask(), q.reshape(N, Hkv, rep, D) @ keys.swapaxes(-1, -2), low)
+    p = fastmath.softmax(mx.concatenate([sp, ss], axis=-1), axis=-1).astype(values.dtype)
+    pp = p[..., :P].reshape(B, G, Hkv, rep, P).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, G * rep, P)
+    out_p = (pp @ cache.prefix_values).reshape(B, Hkv, G, rep, -1).transpose(0, 2, 1, 3, 4)
+    out = out_p.reshape(N, Hkv, rep, -1) + p[..., P:] @ values
+    return out.reshape(N, Hq, 1, -1)
+
+
 def block_causal_attention(
     queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, block: int
 ) -> mx.array:
@@ -123,6 +161,8 @@ def block_causal_attention(
 
 def _wrap(original, block: int | None):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if hasattr(cache, "prefix_keys"):  # only rollout makes these, after shares_prefix()
+            return prefix_attention(queries, keys, values, cache, scale=scale)
         if sinks is not None or not fastmath.on_cpu():
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
         L = queries.shape[2]
@@ -138,6 +178,7 @@ def _wrap(original, block: int | None):
 
     scaled_dot_product_attention.grpo_original = original
     scaled_dot_product_attention.grpo_block = block
+    scaled_dot_product_attention.grpo_prefix_caches = True  # grpo.core.rollout.shares_prefix
     return scaled_dot_product_attention
 
 
@@ -162,6 +203,9 @@ def install_fast_kernels(
 ) -> bool:
     """Route ``model``'s attention and SwiGLU through this module's CPU kernels.
 
+    ``model`` is an mlx-lm model or the mlx-lm architecture module itself
+    (``mlx_lm.models.llama``).
+
     Patches the ``scaled_dot_product_attention`` and ``swiglu`` names of the mlx-lm module
     that defines ``model`` (every instance of that architecture in this process is
     affected, which is harmless: the kernels compute the same function, and GPU calls
@@ -170,7 +214,9 @@ def install_fast_kernels(
     """
     if block is not None and block < 1:
         raise ValueError(f"attention block must be >= 1 or None, got {block!r}")
-    module = sys.modules.get(type(model).__module__)
+    module = (
+        model if isinstance(model, types.ModuleType) else sys.modules.get(type(model).__module__)
+    )
     if module is None or not hasattr(module, "scaled_dot_product_attention"):
         return False
     on = enabled and fastmath.on_cpu()
