@@ -9,10 +9,12 @@ hits both alike; each arm is a full ``bench/step.py`` cell (``GRPOTrainer.train(
 one BLAS thread the process CPU time is the work done (no spin-waiting), which other jobs
 on the machine barely change; it is reported next to wall time.
 
-* ``attention``: mlx-lm's plain causal attention (A) vs block-causal attention (B).
+* ``attention``: grpo's attention without (A) and with (B) the block-causal split.
 * ``logprobs``: ``grpo.core.logprobs`` as of ``--old-commit`` (A, loaded with ``git show``)
   vs the working tree (B).
 * ``checkpointing``: ``gradient_checkpointing`` off (A) vs on (B).
+* ``kernels``: mlx's own CPU exp/softmax/attention/SwiGLU (A) vs grpo's
+  (``grpo.core.fastmath`` + ``install_fast_kernels``, with the shared-prefix decode) (B).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _use_logprobs(module):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["attention", "logprobs", "checkpointing"])
+    ap.add_argument("what", choices=["attention", "logprobs", "checkpointing", "kernels"])
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--T", type=int, default=256)
@@ -78,6 +80,8 @@ def main(argv=None):
                     kwargs["attention_block"] = 0 if arm == "A" else S.DEFAULT_BLOCK
                 elif args.what == "checkpointing":
                     kwargs["extra"] = {"gradient_checkpointing": arm == "B"}
+                elif args.what == "kernels":
+                    kwargs["kernels"] = arm == "B"
                 else:
                     _use_logprobs(old if arm == "A" else current_logprobs)
                 r = S.run_cell(model_dir, size=args.size, B=args.B, T=args.T, mode=args.mode,

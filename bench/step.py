@@ -55,6 +55,7 @@ from workload import PROMPT_CHARS, G, digit_fraction, prompt_texts
 
 import grpo.trainer as trainer_mod
 from grpo.config import GRPOConfig
+from grpo.core import fastmath
 from grpo.io.fast_attention import DEFAULT_BLOCK, install_fast_kernels  # noqa: F401  (bench/ab.py)
 from grpo.io.tiny import build_tiny_model
 from grpo.trainer import GRPOTrainer
@@ -165,7 +166,18 @@ def load_model(path: Path):
 
 
 def run_cell(
-    model_dir: Path, *, size, B, T, mode, steps, warmup, extra=None, tmp, attention_block=None
+    model_dir: Path,
+    *,
+    size,
+    B,
+    T,
+    mode,
+    steps,
+    warmup,
+    extra=None,
+    tmp,
+    attention_block=None,
+    kernels=True,
 ) -> dict:
     """Train ``warmup + steps`` steps; medians over the last ``steps``."""
     model, tok = load_model(model_dir)
@@ -175,8 +187,11 @@ def run_cell(
                      processing_class=tok, group=None)  # fmt: skip
     # Fixed-length completions: no EOS, so every step samples exactly T tokens per row.
     tr.sampling = attrs.evolve(tr.sampling, eos_ids=(), stop_sequences=())
-    if attention_block is not None:
-        install_fast_kernels(tr.model, block=attention_block or None)
+    # attention_block=0: no block-causal split; kernels=False: mlx's own exp/softmax/
+    # attention/SwiGLU everywhere (bench/ab.py attention / kernels).
+    fastmath.POLYNOMIAL = kernels
+    block = DEFAULT_BLOCK if attention_block is None else (attention_block or None)
+    install_fast_kernels(tr.model, block=block, enabled=kernels)
     probe = Probe(tr)
     probe.reset_peak_at = warmup
     load_before = os.getloadavg()[0]
