@@ -39,6 +39,7 @@ _EXPORTS = {
         "render_prompt", "encode_prompt", "stop_token_sequences", "decode_completions",
     ],
     "grpo.io.model": ["load_model", "prepare_policy"],
+    "grpo.io.fast_attention": ["install_fast_kernels"],
     "grpo.io.checkpoint": ["save_checkpoint", "load_checkpoint", "CheckpointError"],
     "grpo.io.tiny": ["build_tiny_model"],
     "grpo.io.signals": ["TrainingInterrupted", "InterruptGuard"],
