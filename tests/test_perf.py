@@ -95,6 +95,22 @@ def test_installed_model_forward_and_decoding_are_unchanged(tiny_model_dir):
     install_fast_kernels(model)  # back to the default other tests expect
 
 
+def test_quantized_kv_cache_keeps_mlx_lm_attention(tiny_model_dir):
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    x = mx.random.randint(3, 60, (1, 70), key=mx.random.key(2))
+
+    def run():
+        cache = [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
+        return np.array(model(x, cache=cache))
+
+    install_fast_kernels(model, enabled=False)
+    plain = run()
+    assert install_fast_kernels(model)
+    np.testing.assert_allclose(run(), plain, atol=1e-5)
+
+
 def _loss_and_grads(model_dir, *, checkpointing: bool, use_lora: bool):
     model, _ = mlx_lm.load(str(model_dir))
     cfg = GRPOConfig(use_lora=use_lora, gradient_checkpointing=checkpointing, beta=0.0)

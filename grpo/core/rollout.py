@@ -2,8 +2,9 @@
 
 ``rollout(params, key, prompts, *, model, sampling)`` prefills every distinct prompt
 once into mlx-lm ``BatchKVCache`` objects (left-padded, so ragged prompts get correct
-masks and RoPE positions), gathers each prompt's keys/values into its ``G`` rows, and
-decodes all ``N = B * G`` rows together. One decode step (model call on a fixed-shape
+masks and RoPE positions), shares each prompt's keys/values with its ``G`` rows (stored
+once per group when the model's attention reads ``SharedPrefixKVCache``, otherwise
+gathered into every row), and decodes all ``N = B * G`` rows together. One decode step (model call on a fixed-shape
 ``BatchKVCache`` subclass + sampling) is ``mx.compile``d per (model, config); shapes are
 bucketed (prompt length, KV capacity, live-row count) so it does not retrace after
 warm-up. The token loop is Python, as in ``mlx_lm.generate`` (STYLE rule 7); every

@@ -15,7 +15,8 @@ float32 rounding, route around that (docs/benchmarks.md has the before/after fig
 
 :func:`install_fast_kernels` points the ``scaled_dot_product_attention`` and ``swiglu``
 names of the mlx-lm module that defines a model at these, on the CPU device only; calls
-with attention sinks, and every call on Metal/CUDA, keep mlx-lm's own functions.
+with attention sinks or a quantized KV cache, and every call on Metal/CUDA, keep
+mlx-lm's own functions.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def _wrap(original, block: int | None):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if hasattr(cache, "prefix_keys"):  # only rollout makes these, after shares_prefix()
             return prefix_attention(queries, keys, values, cache, scale=scale)
-        if sinks is not None or not fastmath.on_cpu():
+        if sinks is not None or hasattr(cache, "bits") or not fastmath.on_cpu():
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
         L = queries.shape[2]
         if (
