@@ -13,6 +13,8 @@ on the machine barely change; it is reported next to wall time.
 * ``logprobs``: ``grpo.core.logprobs`` as of ``--old-commit`` (A, loaded with ``git show``)
   vs the working tree (B).
 * ``checkpointing``: ``gradient_checkpointing`` off (A) vs on (B).
+* ``share``: the packed training forward (A) vs each prompt run once per group (B,
+  ``grpo.core.shared_prompt``).
 * ``kernels``: mlx's own CPU exp/softmax/attention/SwiGLU (A) vs grpo's
   (``grpo.core.fastmath`` + ``install_fast_kernels``, with the shared-prefix decode) (B).
 """
@@ -57,7 +59,7 @@ def _use_logprobs(module):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["attention", "logprobs", "checkpointing", "kernels"])
+    ap.add_argument("what", choices=["attention", "logprobs", "checkpointing", "kernels", "share"])
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--T", type=int, default=256)
@@ -82,6 +84,8 @@ def main(argv=None):
                     kwargs["extra"] = {"gradient_checkpointing": arm == "B"}
                 elif args.what == "kernels":
                     kwargs["kernels"] = arm == "B"
+                elif args.what == "share":
+                    kwargs["prompt_share"] = None if arm == "B" else 1
                 else:
                     _use_logprobs(old if arm == "A" else current_logprobs)
                 r = S.run_cell(model_dir, size=args.size, B=args.B, T=args.T, mode=args.mode,

@@ -178,6 +178,7 @@ def run_cell(
     tmp,
     attention_block=None,
     kernels=True,
+    prompt_share=None,
 ) -> dict:
     """Train ``warmup + steps`` steps; medians over the last ``steps``."""
     model, tok = load_model(model_dir)
@@ -192,6 +193,8 @@ def run_cell(
     fastmath.POLYNOMIAL = kernels
     block = DEFAULT_BLOCK if attention_block is None else (attention_block or None)
     install_fast_kernels(tr.model, block=block, enabled=kernels)
+    if prompt_share is not None:  # bench/ab.py share: 1 = the packed forward
+        tr.loss_config = attrs.evolve(tr.loss_config, prompt_share=prompt_share)
     probe = Probe(tr)
     probe.reset_peak_at = warmup
     load_before = os.getloadavg()[0]

@@ -18,6 +18,7 @@ MODULES = [
     ("grpo.core.advantages", "Group-relative advantages"),
     ("grpo.core.logprobs", "Log-probabilities"),
     ("grpo.core.loss", "Policy losses"),
+    ("grpo.core.shared_prompt", "Shared-prompt training forward"),
     ("grpo.core.batch", "Loss batches"),
     ("grpo.core.sampling", "Sampling"),
     ("grpo.core.rollout", "Rollout"),

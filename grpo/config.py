@@ -188,6 +188,13 @@ class GRPOConfig:
         return self.gradient_accumulation_steps
 
     @property
+    def prompt_share(self) -> int:
+        """Rows of every micro-batch that share a prompt, in contiguous blocks:
+        ``gcd(per_device_train_batch_size, num_generations)`` (rows are group-contiguous and
+        micro-batches start at multiples of ``per_device_train_batch_size``)."""
+        return math.gcd(self.per_device_train_batch_size, self.num_generations)
+
+    @property
     def resolved_generation_batch_size(self) -> int:
         """Rows (completions) per generation batch."""
         return self.per_device_train_batch_size * self.resolved_steps_per_generation

@@ -324,7 +324,13 @@ class GRPOTrainer:
         return grpo_loss(params, None, batch, model=self.model, cfg=self.loss_config)
 
     def _logprobs_fn(self, params, batch: LossBatch):
-        return completion_logprobs(self.model, params, batch, temperature=self.args.temperature)
+        return completion_logprobs(
+            self.model,
+            params,
+            batch,
+            temperature=self.args.temperature,
+            prompt_share=self.loss_config.prompt_share,
+        )
 
     def _build_step(self):
         dropout = self.args.lora_dropout != 0

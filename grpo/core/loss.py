@@ -42,6 +42,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from grpo.core.batch import LossBatch
 from grpo.core.logprobs import token_logprobs, token_logprobs_and_entropy
 from grpo.core.numerics import masked_mean, masked_sum, safe_div
+from grpo.core.shared_prompt import can_share, shared_prompt_hidden
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -86,6 +87,10 @@ class LossConfig:
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO Gamma weights.
         temperature: sampling temperature; :func:`grpo_loss` scores completions under
             ``softmax(logits / temperature)`` as TRL does, so it must match the sampler.
+        prompt_share: rows ``j*k .. j*k+k-1`` of every batch share a prompt (``k`` =
+            this); the forward then runs each prompt once (:mod:`grpo.core.shared_prompt`).
+            1 (default) makes no assumption. The trainer sets
+            ``gcd(per_device_train_batch_size, num_generations)``.
     """
 
     loss_type: str = attrs.field(default="dapo", validator=_one_of(LOSS_TYPES))
@@ -108,6 +113,7 @@ class LossConfig:
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
     temperature: float = 1.0
+    prompt_share: int = 1
 
     def __attrs_post_init__(self):
         if self.epsilon_high is None:
@@ -714,6 +720,7 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    prompt_share: int = 1,
 ):
     """Log-probs of each completion token, with logits only at completion positions.
 
@@ -733,19 +740,30 @@ def completion_logprobs(
             (``>= 1``) and ``completion_ids [N, T]``.
         temperature: log-probs are taken under ``softmax(logits / temperature)``.
         with_entropy: also return per-token entropies.
+        prompt_share: rows ``j*k .. j*k+k-1`` (``k = prompt_share``) hold the same prompt;
+            with ``k > 1`` each prompt runs once (:mod:`grpo.core.shared_prompt`) when the
+            model supports it, else the packed forward runs. Same result either way.
 
     Returns:
         ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
     """
     model.update(params)
-    hidden = model.model(batch.input_ids)  # [N, P+T, D]
-    T = batch.completion_ids.shape[1]
-    # Row i's completion token t sits at s_i + t and is predicted from position s_i + t - 1.
-    pos = batch.completion_start.astype(mx.int32)[:, None] - 1 + mx.arange(T)[None, :]
-    logits = _lm_head(model)(mx.take_along_axis(hidden, pos[..., None], axis=1))
+    logits = _lm_head(model)(_completion_hidden(model, batch, prompt_share))
     if with_entropy:
         return token_logprobs_and_entropy(logits, batch.completion_ids, temperature=temperature)
     return token_logprobs(logits, batch.completion_ids, temperature=temperature)
+
+
+def _completion_hidden(model, batch: LossBatch, prompt_share: int) -> mx.array:
+    N, T = batch.completion_ids.shape
+    if can_share(model, N, prompt_share):
+        return shared_prompt_hidden(
+            model, batch.input_ids, batch.completion_start, batch.completion_ids, share=prompt_share
+        )
+    hidden = model.model(batch.input_ids)  # [N, P+T, D]
+    # Row i's completion token t sits at s_i + t and is predicted from position s_i + t - 1.
+    pos = batch.completion_start.astype(mx.int32)[:, None] - 1 + mx.arange(T)[None, :]
+    return mx.take_along_axis(hidden, pos[..., None], axis=1)
 
 
 def lora_reference_params(params):
@@ -789,7 +807,9 @@ def _reference_logprobs(model, ref_params, batch: LossBatch, cfg: LossConfig):
         )
     if ref_params is None:
         return batch.ref_logprobs
-    logp = completion_logprobs(model, ref_params, batch, temperature=cfg.temperature)
+    logp = completion_logprobs(
+        model, ref_params, batch, temperature=cfg.temperature, prompt_share=cfg.prompt_share
+    )
     return mx.stop_gradient(logp)
 
 
@@ -819,7 +839,12 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
     """
     ref_logprobs = _reference_logprobs(model, ref_params, batch, cfg)
     logprobs, entropies = completion_logprobs(
-        model, params, batch, temperature=cfg.temperature, with_entropy=True
+        model,
+        params,
+        batch,
+        temperature=cfg.temperature,
+        with_entropy=True,
+        prompt_share=cfg.prompt_share,
     )
     loss_cfg = cfg if ref_logprobs is not None or cfg.beta == 0 else attrs.evolve(cfg, beta=0.0)
     return make_policy_loss(loss_cfg)(

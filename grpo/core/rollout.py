@@ -250,9 +250,9 @@ class SharedPrefixKVCache(FixedBatchKVCache):
         first = self.left_padding.reshape(B, -1)[:, :1]
         return (mx.arange(P)[None, :] >= first)[:, None, None, :]
 
-    def suffix_mask(self) -> mx.array:
-        """``[S]`` bool: completion columns written so far (every row is at the same step)."""
-        return mx.arange(self.keys.shape[2]) <= self._column()
+    def suffix_mask(self, L: int = 1) -> mx.array:
+        """``[1, S]`` bool: completion columns written so far (every row is at the same step)."""
+        return (mx.arange(self.keys.shape[2]) <= self._column())[None, :]
 
 
 def shares_prefix(model) -> bool:

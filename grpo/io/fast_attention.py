@@ -85,40 +85,48 @@ def attention(
 
 
 def prefix_attention(queries: mx.array, keys: mx.array, values: mx.array, cache, *, scale: float):
-    """One decode step's attention over a prompt prefix shared by each group of rows.
+    """Attention over a prompt prefix shared by each block of ``k`` consecutive rows.
 
-    ``cache`` is a :class:`grpo.core.rollout.SharedPrefixKVCache`: ``prefix_keys`` /
-    ``prefix_values`` ``[B, Hkv, P, D]`` hold each prompt once, ``keys`` / ``values``
-    ``[N, Hkv, S, D]`` (``N = B * G``, group-contiguous) the completion columns. The scores
-    against the prefix are one matmul per prompt and KV head with the group's ``G * rep``
-    query rows, instead of ``G`` copies of the prompt; both parts share one softmax, so
-    the result is :func:`attention` over the concatenated columns.
+    ``cache`` holds ``prefix_keys`` / ``prefix_values`` ``[B, Hkv, P, D]``, each prompt once
+    (:class:`grpo.core.rollout.SharedPrefixKVCache` when decoding,
+    :class:`grpo.core.shared_prompt.SharedPromptCache` in the training forward); ``keys`` /
+    ``values`` ``[N, Hkv, S, D]`` (``N = B * k``) are each row's own columns. The scores
+    against the prefix are one matmul per prompt and KV head with the block's ``k * rep * L``
+    query rows, instead of ``k`` copies of the prompt; both parts share one softmax, so the
+    result is :func:`attention` over the concatenated columns.
 
     Args:
-        queries: ``[N, Hq, 1, D]``.
-        keys: ``[N, Hkv, S, D]`` completion keys.
+        queries: ``[N, Hq, L, D]``.
+        keys: ``[N, Hkv, S, D]`` the rows' own keys.
         values: ``[N, Hkv, S, Dv]``.
         cache: the layer's cache (``prefix_keys``, ``prefix_values``, ``prefix_mask()``
-            ``[B, 1, 1, P]``, ``suffix_mask()`` ``[S]``).
+            ``[B, 1, 1, P]``, ``suffix_mask(L)`` broadcastable to ``[L, S]``).
         scale: score scale.
 
     Returns:
-        ``[N, Hq, 1, Dv]``.
+        ``[N, Hq, L, Dv]``.
     """
-    N, Hq, _, D = queries.shape
+    N, Hq, L, D = queries.shape
     B, Hkv, P, _ = cache.prefix_keys.shape
-    G, rep = N // B, Hq // Hkv
+    k, rep, S = N // B, Hq // Hkv, keys.shape[2]
+    R = rep * L  # query rows per (row, KV head), ordered (rep, L)
     low = mx.finfo(queries.dtype).min
-    q = (queries * scale).reshape(B, G, Hkv, rep, D)
-    grouped = q.transpose(0, 2, 1, 3, 4).reshape(B, Hkv, G * rep, D)
-    sp = mx.where(cache.prefix_mask(), grouped @ cache.prefix_keys.swapaxes(-1, -2), low)
-    sp = sp.reshape(B, Hkv, G, rep, P).transpose(0, 2, 1, 3, 4).reshape(N, Hkv, rep, P)
-    ss = mx.where(cache.suffix_mask(), q.reshape(N, Hkv, rep, D) @ keys.swapaxes(-1, -2), low)
+
+    def by_prompt(x):  # [N, Hkv, R, X] -> [B, Hkv, k * R, X]
+        return x.reshape(B, k, Hkv, R, -1).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, k * R, -1)
+
+    def by_row(x):  # [B, Hkv, k * R, X] -> [N, Hkv, R, X]
+        return x.reshape(B, Hkv, k, R, -1).transpose(0, 2, 1, 3, 4).reshape(N, Hkv, R, -1)
+
+    q = (queries * scale).reshape(N, Hkv, R, D)
+    sp = by_row(
+        mx.where(cache.prefix_mask(), by_prompt(q) @ cache.prefix_keys.swapaxes(-1, -2), low)
+    )
+    suffix_mask = mx.tile(mx.broadcast_to(cache.suffix_mask(L), (L, S)), (rep, 1))
+    ss = mx.where(suffix_mask, q @ keys.swapaxes(-1, -2), low)
     p = fastmath.softmax(mx.concatenate([sp, ss], axis=-1), axis=-1).astype(values.dtype)
-    pp = p[..., :P].reshape(B, G, Hkv, rep, P).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, G * rep, P)
-    out_p = (pp @ cache.prefix_values).reshape(B, Hkv, G, rep, -1).transpose(0, 2, 1, 3, 4)
-    out = out_p.reshape(N, Hkv, rep, -1) + p[..., P:] @ values
-    return out.reshape(N, Hq, 1, -1)
+    out = by_row(by_prompt(p[..., :P]) @ cache.prefix_values) + p[..., P:] @ values
+    return out.reshape(N, Hq, L, -1)
 
 
 def block_causal_attention(
@@ -168,7 +176,7 @@ def _wrap(original, block: int | None):
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
         L = queries.shape[2]
         if (
-            cache is None
+            (cache is None or getattr(cache, "grpo_cache_free", False))
             and isinstance(mask, str)
             and mask == "causal"
             and block

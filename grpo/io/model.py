@@ -176,7 +176,9 @@ def _checkpointed(cls: type) -> type:
 
             return mx.checkpoint(block)(self.trainable_parameters(), *args, **kwargs)
 
-        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+        _CHECKPOINTED[cls] = type(
+            f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "grpo_checkpointed": True}
+        )
     return _CHECKPOINTED[cls]
 
 

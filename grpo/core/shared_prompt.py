@@ -1,0 +1,107 @@
+"""The training forward with each prompt computed once per block of rows that share it.
+
+GRPO scores ``G`` completions of the same prompt, and :func:`grpo.core.batch.pack` lays
+every row out as ``prompt ++ completion``, so a plain forward runs the prompt ``G`` times.
+Here the trunk runs once on the block's prompt (recording each layer's keys/values), then
+once on the ``k`` rows' completions with attention over that shared prefix, and the
+hidden states that predict each completion token are stitched together:
+
+.. math:: h_{i,0} = h^{\\text{prompt}}_{b, \\ell_b - 1}, \\qquad
+          h_{i,t} = h^{\\text{completion}}_{i, t - 1} \\ (t \\ge 1)
+
+It is the same function as the packed forward (tested to float32 rounding, values and
+gradients): completion positions see the prompt's keys/values at ``< l_b`` and their own
+earlier completion positions; RoPE positions are ``l_b + t``. Gradients reach the prompt
+through its keys/values and through ``h_{i,0}``.
+
+Only a model whose attention reads prefix caches (:func:`grpo.core.rollout.shares_prefix`,
+i.e. grpo's CPU kernels are installed) and whose blocks are not gradient-checkpointed can
+take this path; :func:`grpo.core.loss.completion_logprobs` falls back to the packed
+forward otherwise.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from grpo.core.rollout import shares_prefix
+
+
+class PromptRecorder(KVCache):
+    """A cache-free causal forward that keeps each layer's (post-RoPE) keys and values."""
+
+    def __init__(self):
+        super().__init__()
+        self.grpo_cache_free = True  # attention may treat it as cache=None
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        return "causal"
+
+
+class SharedPromptCache(KVCache):
+    """The completion forward's cache: the block's prompt keys/values once, rows' own after.
+
+    ``prefix_keys`` / ``prefix_values`` ``[B, H, P, D]``; ``offset`` ``[N]`` is each row's
+    prompt length ``l_b`` (the RoPE position of its first completion token); prompt columns
+    ``>= l_b`` (another row's completion tokens, or padding) are masked.
+    """
+
+    def __init__(self, prefix_keys, prefix_values, prompt_lengths):
+        super().__init__()
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+        self.offset = prompt_lengths
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        return None  # the prefix attention builds both masks
+
+    def prefix_mask(self) -> mx.array:
+        B, P = self.prefix_keys.shape[0], self.prefix_keys.shape[2]
+        lengths = self.offset.reshape(B, -1)[:, :1]
+        return (mx.arange(P)[None, :] < lengths)[:, None, None, :]
+
+    def suffix_mask(self, L: int) -> mx.array:
+        return mx.arange(L)[None, :] <= mx.arange(L)[:, None]
+
+
+def can_share(model, N: int, share: int) -> bool:
+    """True when blocks of ``share`` rows can run :func:`shared_prompt_hidden` on ``model``."""
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    checkpointed = any(getattr(layer, "grpo_checkpointed", False) for layer in layers)
+    return share > 1 and N % share == 0 and shares_prefix(model) and not checkpointed
+
+
+def shared_prompt_hidden(model, input_ids, completion_start, completion_ids, *, share: int):
+    """Hidden states ``[N, T, D]`` that predict each completion token, prompts run once.
+
+    Args:
+        model: an mlx-lm causal LM with its parameters set (``model.model`` is the trunk).
+        input_ids: ``[N, P + T]`` packed rows (:func:`grpo.core.batch.pack`); rows
+            ``j * share .. j * share + share - 1`` hold the same prompt.
+        completion_start: ``[N]`` prompt lengths ``l >= 1``.
+        completion_ids: ``[N, T]``.
+        share: rows per block.
+
+    Returns:
+        ``[N, T, D]``: row ``i``'s hidden state at position ``l_i - 1 + t``.
+    """
+    N, T = completion_ids.shape
+    P = input_ids.shape[1] - T
+    trunk = model.model
+    recorders = [PromptRecorder() for _ in trunk.layers]
+    # Positions >= l_b of the block's first row are its completion; the causal mask keeps
+    # them out of positions < l_b, and SharedPromptCache.prefix_mask out of the others.
+    h_prompt = trunk(input_ids[::share, :P], cache=recorders)  # [B, P, D]
+    starts = completion_start.astype(mx.int32)
+    caches = [SharedPromptCache(r.keys, r.values, starts) for r in recorders]
+    h_completion = trunk(completion_ids, cache=caches)  # [N, T, D]
+    last = mx.take_along_axis(h_prompt, (starts[::share] - 1)[:, None, None], axis=1)
+    first = mx.repeat(last, share, axis=0)  # [N, 1, D]: predicts completion token 0
+    return mx.concatenate([first, h_completion[:, : T - 1]], axis=1)
