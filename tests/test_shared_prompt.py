@@ -1,6 +1,7 @@
 """The shared-prompt training forward equals the packed forward (values and gradients)."""
 
 import grpo  # noqa: F401, I001  (fast BLAS before mlx)
+import grpo.core.rollout
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -72,6 +73,26 @@ def test_logprobs_and_gradients_match_the_packed_forward(model, lengths, G, T, s
             np.testing.assert_allclose(np.array(gb[k]), np.array(ga[k]), atol=1e-4, rtol=1e-4)
 
 
+def test_block_split_completion_attention_matches(model):
+    # Completions longer than the attention block go through prefix_attention block by block.
+    batch = _batch([6, 2, 9], G=2, P=9, T=11, seed=4)
+    params = model.trainable_parameters()
+    install_fast_kernels(llama, block=4)
+    try:
+
+        def objective(p, share):
+            return (completion_logprobs(model, p, batch, prompt_share=share) ** 2).sum()
+
+        a = completion_logprobs(model, params, batch, prompt_share=1)
+        b = completion_logprobs(model, params, batch, prompt_share=2)
+        ga, gb = _flat(mx.grad(objective)(params, 1)), _flat(mx.grad(objective)(params, 2))
+    finally:
+        install_fast_kernels(llama)
+    np.testing.assert_allclose(np.array(b), np.array(a), atol=2e-5)
+    for k in ga:
+        np.testing.assert_allclose(np.array(gb[k]), np.array(ga[k]), atol=1e-4, rtol=1e-4)
+
+
 def test_grpo_loss_with_lora_and_a_reference_matches(tiny_model_dir):
     model, _ = mlx_lm.load(str(tiny_model_dir))
     model.freeze()
@@ -114,6 +135,19 @@ def test_falls_back_where_it_cannot_share(tiny_model_dir, model):
     checkpointed, _ = mlx_lm.load(str(tiny_model_dir))
     enable_gradient_checkpointing(checkpointed)
     assert not shared_prompt.can_share(checkpointed, 8, 4)
+
+
+def test_models_with_other_caches_keep_the_packed_forward(tiny_model_dir):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    class SlidingModel(llama.Model):  # stands in for a sliding-window architecture
+        def make_cache(self):
+            return [RotatingKVCache(max_size=4) for _ in self.layers]
+
+    SlidingModel.__module__ = llama.__name__  # same attention module, so kernels apply
+    m = SlidingModel(mlx_lm.load(str(tiny_model_dir))[0].args)
+    assert grpo.core.rollout.shares_prefix(m)
+    assert not shared_prompt.can_share(m, 8, 4)
 
 
 @pytest.mark.parametrize("micro, G, want", [(8, 8, 8), (4, 8, 4), (12, 8, 4), (6, 4, 2), (3, 8, 1)])

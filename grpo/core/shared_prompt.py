@@ -23,7 +23,7 @@ forward otherwise.
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from grpo.core.rollout import shares_prefix
 
@@ -72,10 +72,15 @@ class SharedPromptCache(KVCache):
 
 
 def can_share(model, N: int, share: int) -> bool:
-    """True when blocks of ``share`` rows can run :func:`shared_prompt_hidden` on ``model``."""
+    """True when blocks of ``share`` rows can run :func:`shared_prompt_hidden` on ``model``:
+    its attention reads prefix caches, its blocks are not checkpointed, and every layer's
+    mlx-lm cache is a plain ``KVCache`` (no sliding window, SSM or other state)."""
+    if share <= 1 or N % share or not shares_prefix(model):
+        return False
     layers = getattr(getattr(model, "model", None), "layers", [])
-    checkpointed = any(getattr(layer, "grpo_checkpointed", False) for layer in layers)
-    return share > 1 and N % share == 0 and shares_prefix(model) and not checkpointed
+    if any(getattr(layer, "grpo_checkpointed", False) for layer in layers):
+        return False
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
 def shared_prompt_hidden(model, input_ids, completion_start, completion_ids, *, share: int):

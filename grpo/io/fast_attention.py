@@ -84,7 +84,9 @@ def attention(
     return (p @ values).reshape(B, Hq, L, -1)
 
 
-def prefix_attention(queries: mx.array, keys: mx.array, values: mx.array, cache, *, scale: float):
+def prefix_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, cache, *, scale: float, block=None
+):
     """Attention over a prompt prefix shared by each block of ``k`` consecutive rows.
 
     ``cache`` holds ``prefix_keys`` / ``prefix_values`` ``[B, Hkv, P, D]``, each prompt once
@@ -93,7 +95,9 @@ def prefix_attention(queries: mx.array, keys: mx.array, values: mx.array, cache,
     ``values`` ``[N, Hkv, S, D]`` (``N = B * k``) are each row's own columns. The scores
     against the prefix are one matmul per prompt and KV head with the block's ``k * rep * L``
     query rows, instead of ``k`` copies of the prompt; both parts share one softmax, so the
-    result is :func:`attention` over the concatenated columns.
+    result is :func:`attention` over the concatenated columns. With ``block`` and
+    ``L > block`` (the training forward, ``S == L``), query rows go ``block`` at a time
+    against the own columns up to their last row, as in :func:`block_causal_attention`.
 
     Args:
         queries: ``[N, Hq, L, D]``.
@@ -102,13 +106,32 @@ def prefix_attention(queries: mx.array, keys: mx.array, values: mx.array, cache,
         cache: the layer's cache (``prefix_keys``, ``prefix_values``, ``prefix_mask()``
             ``[B, 1, 1, P]``, ``suffix_mask(L)`` broadcastable to ``[L, S]``).
         scale: score scale.
+        block: query rows per block, or ``None`` for all at once.
 
     Returns:
         ``[N, Hq, L, Dv]``.
     """
+    L, S = queries.shape[2], keys.shape[2]
+    prefix = (cache.prefix_keys, cache.prefix_values, cache.prefix_mask())
+    own = mx.broadcast_to(cache.suffix_mask(L), (L, S))
+    if not block or L <= block or S != L:
+        return _prefix_attention(queries, keys, values, *prefix, own, scale=scale)
+    outs = []
+    for start in range(0, L, block):
+        stop = min(start + block, L)
+        q, k, v = queries[:, :, start:stop], keys[:, :, :stop], values[:, :, :stop]
+        outs.append(_prefix_attention(q, k, v, *prefix, own[start:stop, :stop], scale=scale))
+    return mx.concatenate(outs, axis=2)
+
+
+def _prefix_attention(
+    queries, keys, values, prefix_keys, prefix_values, prefix_mask, own_mask, *, scale
+):
+    # queries [N, Hq, L, D], keys/values [N, Hkv, S, D], prefix_* [B, Hkv, P, D],
+    # prefix_mask [B, 1, 1, P], own_mask [L, S].
     N, Hq, L, D = queries.shape
-    B, Hkv, P, _ = cache.prefix_keys.shape
-    k, rep, S = N // B, Hq // Hkv, keys.shape[2]
+    B, Hkv, P, _ = prefix_keys.shape
+    k, rep = N // B, Hq // Hkv
     R = rep * L  # query rows per (row, KV head), ordered (rep, L)
     low = mx.finfo(queries.dtype).min
 
@@ -119,13 +142,10 @@ def prefix_attention(queries: mx.array, keys: mx.array, values: mx.array, cache,
         return x.reshape(B, Hkv, k, R, -1).transpose(0, 2, 1, 3, 4).reshape(N, Hkv, R, -1)
 
     q = (queries * scale).reshape(N, Hkv, R, D)
-    sp = by_row(
-        mx.where(cache.prefix_mask(), by_prompt(q) @ cache.prefix_keys.swapaxes(-1, -2), low)
-    )
-    suffix_mask = mx.tile(mx.broadcast_to(cache.suffix_mask(L), (L, S)), (rep, 1))
-    ss = mx.where(suffix_mask, q @ keys.swapaxes(-1, -2), low)
+    sp = by_row(mx.where(prefix_mask, by_prompt(q) @ prefix_keys.swapaxes(-1, -2), low))
+    ss = mx.where(mx.tile(own_mask, (rep, 1)), q @ keys.swapaxes(-1, -2), low)
     p = fastmath.softmax(mx.concatenate([sp, ss], axis=-1), axis=-1).astype(values.dtype)
-    out = by_row(by_prompt(p[..., :P]) @ cache.prefix_values) + p[..., P:] @ values
+    out = by_row(by_prompt(p[..., :P]) @ prefix_values) + p[..., P:] @ values
     return out.reshape(N, Hq, L, -1)
 
 
@@ -171,7 +191,7 @@ def block_causal_attention(
 def _wrap(original, block: int | None):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if hasattr(cache, "prefix_keys"):  # only rollout makes these, after shares_prefix()
-            return prefix_attention(queries, keys, values, cache, scale=scale)
+            return prefix_attention(queries, keys, values, cache, scale=scale, block=block)
         if sinks is not None or hasattr(cache, "bits") or not fastmath.on_cpu():
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
         L = queries.shape[2]
