@@ -11,8 +11,7 @@ elementwise ops (Cody-Waite range reduction and the Cephes ``expf`` polynomial),
 is compiled by ``mx.compile`` into a few fused CPU kernels (MLX does not fuse the bit
 cast that builds ``2^n``, so it splits there). On arrays that fit in cache that is 2.5x
 faster than ``mx.exp`` (8 x 65536 elements); on arrays several times the L2 size the
-extra memory passes eat the gain (about even at 4.7M elements), which is why the callers
-keep their arrays chunked. Float32 accuracy: relative error < 2e-7 (tests/test_fastmath.py). Every function takes the polynomial only
+extra memory passes eat the gain (about even at 4.7M elements). Float32 accuracy: relative error < 2e-7 (tests/test_fastmath.py). Every function takes the polynomial only
 on the CPU device and otherwise calls MLX's own op, so Metal and CUDA runs are unchanged.
 Gradients are hand-written (``mx.custom_function``) and reuse the forward's output.
 """
