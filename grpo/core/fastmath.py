@@ -116,9 +116,25 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """
     if not on_cpu():
         return mx.softmax(x, axis=axis, precise=True)
+    e, total = softmax_parts(x, axis=axis)
+    return (e / total).astype(x.dtype)
+
+
+def softmax_parts(x: mx.array, axis: int = -1) -> tuple[mx.array, mx.array]:
+    """The unnormalised softmax: ``e = e^{x - max}`` and ``total = sum e`` along ``axis``.
+
+    For callers that divide later, e.g. attention normalising ``e @ v`` instead of ``e``.
+
+    Args:
+        x: any shape, any float dtype.
+        axis: the axis to reduce.
+
+    Returns:
+        ``(e, total)`` float32; ``e`` has ``x``'s shape, ``total`` size 1 along ``axis``.
+    """
     z = x.astype(mx.float32)
-    e = _exp_f32(z - _shift(z, axis))
-    return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)
+    e = exp(z - _shift(z, axis))
+    return e, e.sum(axis=axis, keepdims=True)
 
 
 def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:

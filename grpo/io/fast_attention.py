@@ -86,16 +86,9 @@ def attention(
 def _normalised(scores: mx.array, values: mx.array) -> mx.array:
     # softmax(scores) @ values with the division moved after the matmul (as flash attention
     # does): one pass over [.., Dv] instead of one over every score.
-    z = scores.astype(mx.float32)
-    e = fastmath.exp(z - mx.stop_gradient(_row_max(z)))
+    e, total = fastmath.softmax_parts(scores)
     out = e.astype(values.dtype) @ values
-    return out / e.sum(axis=-1, keepdims=True).astype(out.dtype)
-
-
-def _row_max(z: mx.array) -> mx.array:
-    # A row of all -inf (additive mask) is shifted by 0 so it gives 0/0 = nan, as in MLX.
-    m = mx.max(z, axis=-1, keepdims=True)
-    return mx.where(mx.isinf(m), 0.0, m)
+    return out / total.astype(out.dtype)
 
 
 def prefix_attention(
@@ -158,9 +151,7 @@ def _prefix_attention(
     q = (queries * scale).reshape(N, Hkv, R, D)
     sp = by_row(mx.where(prefix_mask, by_prompt(q) @ prefix_keys.swapaxes(-1, -2), low))
     ss = mx.where(mx.tile(own_mask, (rep, 1)), q @ keys.swapaxes(-1, -2), low)
-    z = mx.concatenate([sp, ss], axis=-1).astype(mx.float32)
-    e = fastmath.exp(z - mx.stop_gradient(_row_max(z)))
-    total = e.sum(axis=-1, keepdims=True)
+    e, total = fastmath.softmax_parts(mx.concatenate([sp, ss], axis=-1))
     e = e.astype(values.dtype)
     out = by_row(by_prompt(e[..., :P]) @ prefix_values) + e[..., P:] @ values
     return (out / total.astype(out.dtype)).reshape(N, Hq, L, -1)
@@ -207,7 +198,8 @@ def block_causal_attention(
 
 def _wrap(original, block: int | None):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if hasattr(cache, "prefix_keys"):  # only rollout makes these, after shares_prefix()
+        # Prefix caches come only from rollout / shared_prompt, after shares_prefix() said yes.
+        if hasattr(cache, "prefix_keys"):
             return prefix_attention(queries, keys, values, cache, scale=scale, block=block)
         if sinks is not None or hasattr(cache, "bits") or not fastmath.on_cpu():
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
