@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -97,12 +97,8 @@ def test_grpo_loss_with_lora_and_a_reference_matches(tiny_model_dir):
     model, _ = mlx_lm.load(str(tiny_model_dir))
     model.freeze()
     linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-    params = model.trainable_parameters()
     # Non-zero adapters so the policy differs from the reference.
-    params = {k: v for k, v in params.items()}
-    from mlx.utils import tree_map
-
-    params = tree_map(lambda x: x + 0.05, params)
+    params = tree_map(lambda x: x + 0.05, model.trainable_parameters())
     ref = tree_map(lambda x: x, params)
     batch = _batch([5, 3], G=4, P=6, T=5, seed=3)
     cfg = LossConfig(beta=0.04, loss_type="grpo")

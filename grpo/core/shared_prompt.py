@@ -31,9 +31,7 @@ from grpo.core.rollout import shares_prefix
 class PromptRecorder(KVCache):
     """A cache-free causal forward that keeps each layer's (post-RoPE) keys and values."""
 
-    def __init__(self):
-        super().__init__()
-        self.grpo_cache_free = True  # attention may treat it as cache=None
+    grpo_cache_free = True  # attention may treat it as cache=None
 
     def update_and_fetch(self, keys, values):
         self.keys, self.values = keys, values
