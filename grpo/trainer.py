@@ -43,7 +43,8 @@ from grpo.core.score import (
     score,
 )
 from grpo.core.state import TrainState, init_state
-from grpo.core.step import bucket_length, make_optimizer, make_train_step
+from grpo.core.optim import decay_parameter_names, make_optimizer
+from grpo.core.step import bucket_length, make_train_step
 from grpo.io import checkpoint as ckpt
 from grpo.io.data import (
     PromptEncoder,
@@ -281,7 +282,9 @@ class GRPOTrainer:
         self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
         assert_in_sync(self.policy.params, group=self.group, what="initial parameters")
         self.max_steps = self._total_steps()
-        self.optimizer = make_optimizer(args, total_steps=self.max_steps)
+        self.optimizer = make_optimizer(
+            args, total_steps=self.max_steps, decay_names=decay_parameter_names(self.model)
+        )
         self.state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
         self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
         self.loss_config = args.to_loss_config()
