@@ -34,6 +34,7 @@ from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch, pack
 from grpo.core.loss import completion_logprobs, grpo_loss
+from grpo.core.optim import decay_parameter_names, make_optimizer
 from grpo.core.rollout import Rollout, rollout
 from grpo.core.score import (
     RewardContext,
@@ -43,7 +44,6 @@ from grpo.core.score import (
     score,
 )
 from grpo.core.state import TrainState, init_state
-from grpo.core.optim import decay_parameter_names, make_optimizer
 from grpo.core.step import bucket_length, make_train_step
 from grpo.io import checkpoint as ckpt
 from grpo.io.data import (

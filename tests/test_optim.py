@@ -84,7 +84,7 @@ def _toy_params(seed=0):
 def _gradients(names_shapes, seed=1):
     rng = np.random.default_rng(seed)
     out = []
-    for t in range(STEPS):
+    for _ in range(STEPS):
         scale = math.exp(rng.uniform(-4.0, 0.5))  # norms from ~0.1 to ~15 around max_norm 1
         out.append({n: (rng.normal(size=s) * scale).astype(np.float32) for n, s in names_shapes})
     return out
@@ -110,7 +110,10 @@ def _run_project(cfg, params0, grads):
     step = make_train_step(
         model,
         optimizer,
-        lambda p, b: (sum((x * y).sum() for x, y in zip(_leaves(p), _leaves(b.g))), {}),
+        lambda p, b: (
+            sum((x * y).sum() for x, y in zip(_leaves(p), _leaves(b.g), strict=True)),
+            {},
+        ),
         cfg=cfg,
         mask_of=lambda b: mx.ones((1, 1, 1)),
     )

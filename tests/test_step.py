@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import grpo  # noqa: F401
 from grpo.config import GRPOConfig
-from grpo.core.state import TrainState, init_state
 from grpo.core.optim import make_optimizer, make_schedule
+from grpo.core.state import TrainState, init_state
 from grpo.core.step import (
     bucket_length,
     make_train_step,
