@@ -131,17 +131,56 @@ FIELD_HELP: dict[str, str] = {
     "num_train_epochs": "Epochs over the prompts when `max_steps` is -1.",
     "seed": "Seeds LoRA init, prompt order and sampling.",
     "output_dir": "Where metrics, checkpoints and the trained weights go.",
-    "logging_steps": "Write a `metrics.jsonl` record every N optimizer steps.",
-    "save_steps": "Checkpoint every N optimizer steps (at generation-batch boundaries).",
+    "logging_steps": "Write a `metrics.jsonl` record every N optimizer steps (a value below 1 is a fraction of the run).",
+    "save_steps": "Checkpoint every N optimizer steps, at generation-batch boundaries (a value below 1 is a fraction of the run).",
     "save_total_limit": "Keep at most N checkpoints (`None`: all).",
-    "eval_steps": "Evaluate on `eval_dataset` every N steps (`None`: never).",
+    "eval_steps": "With `eval_strategy=steps`, evaluate every N steps (a value below 1 is a fraction of the run; `None`: `logging_steps`).",
     "per_device_eval_batch_size": "Completions per evaluation chunk.",
     "num_generations_eval": "Completions per prompt at evaluation (`None`: `num_generations`).",
     "log_completions": "Print a table of prompts, completions, rewards and advantages at each log.",
     "num_completions_to_print": "Rows of that table (`None`: all).",
     "disable_tqdm": "Hide the progress bar.",
     "report_to": "Accepted for TRL compatibility; metrics always go to `metrics.jsonl`.",
+    "bf16": "Compute in bfloat16: float weights are cast at load (`None`, the default, keeps the checkpoint's dtype; TRL defaults to bf16 autocast).",
+    "fp16": "Compute in float16: float weights are cast at load.",
+    "model_init_kwargs": "TRL's model kwargs as JSON; `dtype`/`torch_dtype` casts the weights at load, other keys are ignored with a warning.",
+    "disable_dropout": "Turn off dropout (LoRA dropout included) so every forward is deterministic.",
+    "chat_template_kwargs": "Extra arguments to the tokenizer's chat template as JSON, e.g. '{\"enable_thinking\": false}'.",
+    "generation_kwargs": "Sampling overrides as JSON (top_p, top_k, min_p, repetition_penalty), as TRL passes them to generation.",
+    "logging_strategy": "`steps` (every `logging_steps`), `epoch` or `no`, as in transformers.",
+    "logging_first_step": "Also log after the first optimizer step.",
+    "save_strategy": "`steps` (every `save_steps`), `epoch` or `no` (no checkpoints), as in transformers.",
+    "eval_strategy": "`no`, `steps` (every `eval_steps`, default `logging_steps`) or `epoch`, as in transformers.",
+    "eval_on_start": "Evaluate once before the first step (needs an eval dataset).",
+    "data_seed": "Seed of the prompt order (`None`: `seed`).",
+    "remove_unused_columns": "Accepted (TRL default False): every dataset column reaches the reward functions.",
+    "overwrite_output_dir": "Start over in an output_dir that already holds a run.",
+    "sync_ref_model": "TR-DPO: every `ref_model_sync_steps` steps mix the policy into the reference (full fine-tune, beta > 0).",
+    "ref_model_mixup_alpha": "TR-DPO mix `ref = (1 - alpha) ref + alpha policy`.",
+    "ref_model_sync_steps": "Steps between TR-DPO reference syncs.",
+    "use_adaptive_entropy": "Adapt the entropy-bonus coefficient each step towards `entropy_target` (TRL's controller).",
+    "entropy_coef_min": "Lower bound of the adaptive entropy coefficient.",
+    "entropy_coef_max": "Upper bound of the adaptive entropy coefficient.",
+    "entropy_coef_delta": "Change of the adaptive entropy coefficient per step.",
+    "entropy_target": "Mean entropy at or below which the adaptive controller raises the bonus.",
 }
+
+
+def _metadata_help() -> dict[str, str]:
+    import attrs
+
+    from grpo.config import GRPOConfig
+
+    out = {}
+    for f in attrs.fields(GRPOConfig):
+        if f.metadata.get("ignored"):
+            out[f.name] = f"TRL/transformers field, no effect on MLX: {f.metadata['ignored']}."
+        elif f.metadata.get("script"):
+            out[f.name] = "Read by a training script, not by the trainer (as in transformers)."
+    return out
+
+
+FIELD_HELP.update(_metadata_help())
 
 
 def config_fields() -> list[tuple[str, Any, Any]]:
@@ -255,6 +294,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, job_defaults: dict) -> 
         "GRPOConfig fields (TRL names; these override --config, which overrides the defaults)"
     )
     for name, tp, default in config_fields():
+        if f"--{name}" in parser._option_string_actions:
+            continue  # the command's own flag of that name (e.g. --resume_from_checkpoint)
         shown = default if not isinstance(default, tuple) else ",".join(map(str, default))
         extra = f"; default job: {job_defaults[name]}" if name in job_defaults else ""
         kwargs: dict[str, Any] = dict(

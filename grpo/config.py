@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 import attrs
@@ -36,18 +37,87 @@ def _tuple_or_none(value: Any) -> Any:
     return None if value is None else tuple(value)
 
 
+def _auto_is_none(value: Any) -> Any:
+    # TRL's "auto" pads only on AWS Neuron; elsewhere it means None.
+    return None if value == "auto" else value
+
+
 def _json_dict(value: Any) -> Any:
     # transformers accepts lr_scheduler_kwargs as a dict or its JSON text.
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else None
         except json.JSONDecodeError as e:
-            raise ValueError(
-                f"lr_scheduler_kwargs must be a dict or JSON object text, got {value!r} ({e})"
-            ) from None
+            raise ValueError(f"expected a dict or JSON object text, got {value!r} ({e})") from None
     if value is not None and not isinstance(value, dict):
-        raise ValueError(f"lr_scheduler_kwargs must be a dict, got {value!r}")
+        raise ValueError(f"expected a dict, got {value!r}")
     return value
+
+
+def _str_tuple(value: Any) -> tuple:
+    # transformers takes a plain string where it takes a list ("wandb" means ["wandb"]).
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _report_to(value: Any) -> tuple:
+    # transformers: "none" (TRL's default) reports nowhere.
+    items = _str_tuple(value)
+    return () if items == ("none",) else items
+
+
+def _none_is(default: Any):
+    # TRL leaves some fields None and resolves them in __post_init__.
+    return lambda value: default if value is None else value
+
+
+def _str_tuple_or_none(value: Any) -> Any:
+    return None if value is None else _str_tuple(value)
+
+
+def _ignored(default: Any, why: str) -> Any:
+    """A TRL field accepted without effect on MLX; setting it warns once, saying ``why``."""
+    if isinstance(default, tuple):
+        return attrs.field(default=default, converter=_str_tuple, metadata={"ignored": why})
+    return attrs.field(default=default, metadata={"ignored": why})
+
+
+def _script_field(default: Any) -> Any:
+    """A field transformers' Trainer itself never reads (a training script does)."""
+    return attrs.field(default=default, metadata={"script": True})
+
+
+_VLLM = "vLLM is CUDA-only; mlx-grpo generates with its own mlx-lm rollout"
+_VLLM_IS = "it corrects vLLM's sampling mismatch; mlx-grpo samples from the policy itself"
+_GENERATE = "a transformers generate() option; mlx-grpo's rollout always batches and caches"
+_DIST = (
+    "a PyTorch distributed (accelerate, DDP, FSDP, DeepSpeed) option; mlx-grpo scales out "
+    "with mx.distributed and mlx.launch (docs/distributed.md)"
+)
+_CUDA = "a PyTorch/CUDA runtime option with no MLX counterpart"
+_COMPILED = "mlx-grpo always compiles its training step with mx.compile"
+_CHECKPOINTING = (
+    "gradient_checkpointing recomputes each block with mx.checkpoint, which takes no options"
+)
+_NOT_GRPO = "a supervised-training option that GRPO does not use"
+_LOADER = "prompts are sampled in-process; there is no DataLoader"
+_LOGGING = "mlx-grpo prints to the terminal and writes metrics.jsonl"
+_TRACKERS = "experiment trackers and hub logging of completions are not wired yet (metrics.jsonl holds every logged value)"
+_EVAL = "evaluation samples completions and scores them with the reward functions"
+_HUB = "pushing to the Hugging Face Hub is not wired yet; upload output_dir with huggingface_hub"
+_BEST = "GRPO checkpoints are kept by step (save_total_limit), not by an evaluation metric"
+# generation_kwargs keys that override the sampling fields (as they override TRL's
+# GenerationConfig); temperature and the length are refused there because the loss must see
+# the same values as the sampler.
+GENERATION_KEYS = ("top_p", "top_k", "min_p", "repetition_penalty")
+GENERATION_REFUSED = {"temperature": "temperature", "max_new_tokens": "max_completion_length"}
+# model_init_kwargs keys with a meaning here.
+MODEL_INIT_KEYS = ("dtype", "torch_dtype")
+DTYPES = ("bfloat16", "float16", "float32")
+LOGGING_STRATEGIES = ("steps", "epoch", "no")
+SAVE_STRATEGIES = ("steps", "epoch", "no")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
 class _Errors:
@@ -108,7 +178,7 @@ class GRPOConfig:
     lora_dropout: float = 0.0
     lora_num_layers: int | None = None
     lora_target_modules: tuple[str, ...] | None = attrs.field(
-        default=None, converter=_tuple_or_none
+        default=None, converter=_str_tuple_or_none
     )
     quantize_bits: int | None = None
     quantize_group_size: int = 64
@@ -118,7 +188,7 @@ class GRPOConfig:
     # -- data ----------------------------------------------------------------------------
     max_prompt_length: int | None = 512
     shuffle_dataset: bool = True
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | None = attrs.field(default=None, converter=_auto_is_none)
 
     # -- generation ----------------------------------------------------------------------
     num_generations: int = 8
@@ -153,6 +223,14 @@ class GRPOConfig:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
 
     # -- optimisation --------------------------------------------------------------------
     learning_rate: float = 1e-6
@@ -174,23 +252,195 @@ class GRPOConfig:
     seed: int = 42
 
     # -- logging, evaluation, checkpoints ------------------------------------------------
-    output_dir: str = "trainer_output"
-    logging_steps: int = 10
-    save_steps: int = 500
+    output_dir: str = attrs.field(default="trainer_output", converter=_none_is("trainer_output"))
+    logging_steps: float = 10
+    save_steps: float = 500
     save_total_limit: int | None = None
-    eval_steps: int | None = None
+    eval_steps: float | None = None
     per_device_eval_batch_size: int = 8
     num_generations_eval: int | None = None
     log_completions: bool = False
     num_completions_to_print: int | None = None
-    disable_tqdm: bool = False
-    report_to: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    disable_tqdm: bool = attrs.field(default=False, converter=_none_is(False))
+    report_to: tuple[str, ...] = attrs.field(default=(), converter=_report_to)
+
+    # -- TRL and transformers fields wired with their meaning on MLX ------------------------
+    bf16: bool | None = None
+    fp16: bool = False
+    model_init_kwargs: dict | None = attrs.field(default=None, converter=_json_dict)
+    disable_dropout: bool = False
+    chat_template_kwargs: dict | None = attrs.field(default=None, converter=_json_dict)
+    generation_kwargs: dict | None = attrs.field(default=None, converter=_json_dict)
+    logging_strategy: str = "steps"
+    logging_first_step: bool = False
+    save_strategy: str = "steps"
+    eval_strategy: str = "no"
+    eval_on_start: bool = False
+    data_seed: int | None = None
+    remove_unused_columns: bool | None = False
+    overwrite_output_dir: bool = False
+
+    # -- read by a training script, not by the trainer (as in transformers) ----------------
+    do_train: bool = _script_field(False)
+    do_eval: bool = _script_field(False)
+    do_predict: bool = _script_field(False)
+    resume_from_checkpoint: str | None = _script_field(None)
+    run_name: str | None = _script_field(None)
+    project: str = _script_field("huggingface")
+    logging_dir: str | None = _script_field(None)
+
+    # -- accepted for TRL scripts, without effect on MLX (a warning names those set) --------
+    use_vllm: bool = _ignored(False, _VLLM)
+    vllm_mode: str = _ignored("colocate", _VLLM)
+    vllm_model_impl: str = _ignored("vllm", _VLLM)
+    vllm_enable_sleep_mode: bool = _ignored(False, _VLLM)
+    vllm_structured_outputs_regex: str | None = _ignored(None, _VLLM)
+    vllm_server_base_url: str | None = _ignored(None, _VLLM)
+    vllm_server_host: str = _ignored("0.0.0.0", _VLLM)
+    vllm_server_port: int = _ignored(8000, _VLLM)
+    vllm_server_timeout: float = _ignored(240.0, _VLLM)
+    vllm_group_port: int = _ignored(51216, _VLLM)
+    vllm_gpu_memory_utilization: float = _ignored(0.3, _VLLM)
+    vllm_max_model_length: int | None = _ignored(None, _VLLM)
+    vllm_tensor_parallel_size: int = _ignored(1, _VLLM)
+    vllm_importance_sampling_correction: bool = _ignored(True, _VLLM_IS)
+    vllm_importance_sampling_mode: str = _ignored("sequence_mask", _VLLM_IS)
+    vllm_importance_sampling_clip_max: float | None = _ignored(3.0, _VLLM_IS)
+    vllm_importance_sampling_clip_min: float | None = _ignored(None, _VLLM_IS)
+    vllm_importance_sampling_cap: float | None = _ignored(None, _VLLM_IS)
+    use_transformers_continuous_batching: bool = _ignored(False, _GENERATE)
+    transformers_continuous_batching_config: dict | None = _ignored(None, _GENERATE)
+    use_transformers_paged: bool = _ignored(False, _GENERATE)
+    cache_implementation: str | None = _ignored(None, _GENERATE)
+    ds3_gather_for_generation: bool = _ignored(True, _DIST)
+    log_multimodal: bool = _ignored(True, "mlx-grpo trains text-only models")
+    cast_lm_head_to_fp32: bool = _ignored(
+        False, "the LM head runs in the model's dtype; log-softmax and the loss are always float32"
+    )
+    log_unique_prompts: bool = _ignored(False, _TRACKERS)
+    log_completions_hub_repo: str | None = _ignored(None, _TRACKERS)
+    tf32: bool | None = _ignored(None, _CUDA)
+    bf16_full_eval: bool = _ignored(False, _CUDA)
+    fp16_full_eval: bool = _ignored(False, _CUDA)
+    use_liger_kernel: bool = _ignored(False, _CUDA)
+    liger_kernel_config: dict | None = _ignored(None, _CUDA)
+    torch_compile: bool = _ignored(False, _COMPILED)
+    torch_compile_backend: str | None = _ignored(None, _COMPILED)
+    torch_compile_mode: str | None = _ignored(None, _COMPILED)
+    torch_empty_cache_steps: int | None = _ignored(None, _CUDA)
+    use_cpu: bool = _ignored(False, _CUDA)
+    use_cache: bool = _ignored(
+        False, "the rollout always decodes with a KV cache and the training forward never needs one"
+    )
+    gradient_checkpointing_kwargs: dict | None = _ignored(None, _CHECKPOINTING)
+    activation_checkpointing: bool | None = _ignored(None, _CHECKPOINTING)
+    activation_checkpointing_kwargs: dict | None = _ignored(None, _CHECKPOINTING)
+    optim_target_modules: tuple[str, ...] | None = _ignored(
+        None, "only GaLore/APOLLO optimizers read it, and they have no MLX implementation"
+    )
+    average_tokens_across_devices: bool = _ignored(
+        True, "loss types that normalise by tokens always average them over mlx.launch ranks"
+    )
+    label_smoothing_factor: float = _ignored(0.0, _NOT_GRPO)
+    neftune_noise_alpha: float | None = _ignored(None, _NOT_GRPO)
+    auto_find_batch_size: bool = _ignored(
+        False,
+        "use max_steps and per_device_train_batch_size; CUDA OOM retries have no MLX counterpart",
+    )
+    log_on_each_node: bool = _ignored(True, "rank 0 alone logs under mlx.launch")
+    logging_nan_inf_filter: bool = _ignored(
+        True, "a non-finite loss stops training with an error instead of being filtered"
+    )
+    include_num_input_tokens_seen: str = _ignored("no", "num_tokens is always logged")
+    log_level: str = _ignored("passive", _LOGGING)
+    log_level_replica: str = _ignored("warning", _LOGGING)
+    trackio_space_id: str | None = _ignored(None, _TRACKERS)
+    trackio_bucket_id: str | None = _ignored(None, _TRACKERS)
+    trackio_static_space_id: str | None = _ignored(None, _TRACKERS)
+    eval_delay: float = _ignored(0, _EVAL)
+    prediction_loss_only: bool = _ignored(False, _EVAL)
+    eval_do_concat_batches: bool = _ignored(True, _EVAL)
+    eval_use_gather_object: bool = _ignored(False, _EVAL)
+    eval_accumulation_steps: int | None = _ignored(None, _EVAL)
+    include_for_metrics: tuple[str, ...] = _ignored((), _EVAL)
+    batch_eval_metrics: bool = _ignored(False, _EVAL)
+    save_only_model: bool = _ignored(
+        False, "checkpoints always hold the optimizer state so that resume is exact"
+    )
+    save_on_each_node: bool = _ignored(False, "rank 0 alone writes checkpoints under mlx.launch")
+    enable_jit_checkpoint: bool = _ignored(
+        False, "Ctrl-C and SIGTERM always save a checkpoint at the next generation boundary"
+    )
+    push_to_hub: bool = _ignored(False, _HUB)
+    hub_token: str | None = _ignored(None, _HUB)
+    hub_private_repo: bool | None = _ignored(None, _HUB)
+    hub_model_id: str | None = _ignored(None, _HUB)
+    hub_strategy: str = _ignored("every_save", _HUB)
+    hub_always_push: bool = _ignored(False, _HUB)
+    hub_revision: str | None = _ignored(None, _HUB)
+    load_best_model_at_end: bool = _ignored(False, _BEST)
+    metric_for_best_model: str | None = _ignored(None, _BEST)
+    greater_is_better: bool | None = _ignored(None, _BEST)
+    ignore_data_skip: bool = _ignored(
+        False, "resume restores the prompt sampler's position exactly; nothing is skipped"
+    )
+    restore_callback_states_from_checkpoint: bool = _ignored(
+        False, "callbacks are plain objects without saved state"
+    )
+    full_determinism: bool = _ignored(
+        False,
+        "a run is already determined by seed: sampling keys are explicit and MLX's CPU and Metal kernels have no non-deterministic algorithms to switch off",
+    )
+    accelerator_config: dict | None = _ignored(None, _DIST)
+    parallelism_config: dict | None = _ignored(None, _DIST)
+    dataloader_drop_last: bool = _ignored(False, _LOADER)
+    dataloader_num_workers: int = _ignored(0, _LOADER)
+    dataloader_pin_memory: bool = _ignored(True, _LOADER)
+    dataloader_persistent_workers: bool = _ignored(False, _LOADER)
+    dataloader_prefetch_factor: int | None = _ignored(None, _LOADER)
+    dataloader_multiprocessing_context: str | None = _ignored(None, _LOADER)
+    dataloader_in_order: bool = _ignored(True, _LOADER)
+    label_names: tuple[str, ...] | None = _ignored(None, _NOT_GRPO)
+    train_sampling_strategy: str = _ignored("random", "prompts are shuffled by shuffle_dataset")
+    length_column_name: str = _ignored("length", _NOT_GRPO)
+    ddp_find_unused_parameters: bool | None = _ignored(None, _DIST)
+    ddp_bucket_cap_mb: int | None = _ignored(None, _DIST)
+    ddp_broadcast_buffers: bool | None = _ignored(None, _DIST)
+    ddp_static_graph: bool | None = _ignored(None, _DIST)
+    ddp_backend: str | None = _ignored(None, _DIST)
+    ddp_timeout: int = _ignored(1800, _DIST)
+    fsdp: str | None = _ignored(None, _DIST)
+    fsdp_config: dict | None = _ignored(None, _DIST)
+    deepspeed: str | None = _ignored(None, _DIST)
+    debug: str = _ignored("", _CUDA)
+    skip_memory_metrics: bool = _ignored(True, "memory metrics are not logged")
+    local_rank: int = _ignored(-1, _DIST)
+    # transformers 4.x names that TRL scripts still set
+    evaluation_strategy: str | None = _ignored(
+        None, "renamed eval_strategy in transformers; set that"
+    )
+    save_safetensors: bool = _ignored(True, "checkpoints are always safetensors")
+    group_by_length: bool = _ignored(False, _NOT_GRPO)
+    no_cuda: bool = _ignored(False, _CUDA)
+    use_mps_device: bool = _ignored(False, "MLX picks Metal or the CPU itself")
+    fp16_opt_level: str = _ignored("O1", _CUDA)
+    half_precision_backend: str = _ignored("auto", _CUDA)
+    include_tokens_per_second: bool = _ignored(False, "tokens_per_second is always logged")
+    push_to_hub_model_id: str | None = _ignored(None, _HUB)
+    push_to_hub_organization: str | None = _ignored(None, _HUB)
+    push_to_hub_token: str | None = _ignored(None, _HUB)
 
     def __attrs_post_init__(self):
         errors = _Errors()
-        for check in (_check_batches, _check_generation, _check_loss, _check_optim, _check_misc):
+        for check in (
+            _check_batches, _check_generation, _check_loss, _check_optim, _check_flow,
+            _check_kwargs_fields, _check_controllers, _check_misc,
+        ):  # fmt: skip
             check(self, errors)
         errors.raise_if_any()
+        if self.disable_dropout:  # TRL: every dropout off, LoRA's included
+            object.__setattr__(self, "lora_dropout", 0.0)
+        _warn_ignored(self)
         # The loss's own checks (sapo / vespo / entropy knobs) run here too, at construction.
         try:
             self.to_loss_config()
@@ -243,6 +493,33 @@ class GRPOConfig:
         """mlx-lm's LoRA ``scale`` = ``lora_alpha / lora_rank`` (PEFT's convention)."""
         return self.lora_alpha / self.lora_rank
 
+    def interval(self, name: str, total_steps: int) -> int | None:
+        """``logging_steps`` / ``save_steps`` / ``eval_steps`` in optimizer steps for a
+        ``total_steps`` run: a value below 1 is a fraction of it, rounded up (transformers);
+        ``eval_steps=None`` falls back to ``logging_steps``."""
+        value = getattr(self, name)
+        if value is None and name == "eval_steps":
+            value = self.logging_steps
+        return int(value) if value >= 1 else max(1, math.ceil(total_steps * value))
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """``"bfloat16"`` / ``"float16"`` when ``bf16`` / ``fp16`` or ``model_init_kwargs``
+        (``dtype`` / ``torch_dtype``) ask for one; ``None`` keeps the model's own dtype."""
+        if self.bf16:
+            return "bfloat16"
+        if self.fp16:
+            return "float16"
+        kw = self.model_init_kwargs or {}
+        dtype = kw.get("dtype", kw.get("torch_dtype"))
+        return None if dtype in (None, "auto") else str(dtype).removeprefix("torch.")
+
+    @property
+    def sampling_overrides(self) -> dict:
+        """The sampling knobs ``generation_kwargs`` sets (TRL passes them to ``generate``)."""
+        kw = self.generation_kwargs or {}
+        return {k: kw[k] for k in GENERATION_KEYS if k in kw}
+
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warmup steps of a ``total_steps`` run, rounded as transformers rounds them."""
         return warmup_steps_for(self.warmup_steps, self.warmup_ratio, total_steps)
@@ -258,16 +535,20 @@ class GRPOConfig:
         """The :class:`grpo.core.sampling.SamplingConfig` for these settings."""
         from grpo.core.sampling import SamplingConfig
 
+        knobs = {
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            **self.sampling_overrides,
+        }
         return SamplingConfig(
             group_size=self.num_generations,
             max_tokens=self.max_completion_length,
             temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
-            repetition_penalty=self.repetition_penalty,
             eos_ids=tuple(eos_token_ids),
             stop_sequences=tuple(tuple(s) for s in stop_sequences),
+            **knobs,
         )
 
     def to_dict(self) -> dict:
@@ -345,8 +626,8 @@ def _check_batches(cfg: GRPOConfig, errors: _Errors):
     nge = cfg.num_generations_eval
     if nge is not None:
         errors.check(
-            isinstance(nge, int) and nge >= 2,
-            f"num_generations_eval must be >= 2 or None, got num_generations_eval={nge!r}",
+            isinstance(nge, int) and nge >= 1,
+            f"num_generations_eval must be >= 1 or None, got num_generations_eval={nge!r}",
         )
 
 
@@ -456,10 +737,107 @@ def _check_optim(cfg: GRPOConfig, errors: _Errors):
     )
 
 
+def _interval(errors: _Errors, cfg: GRPOConfig, *names: str):
+    # transformers: a count of steps, or a fraction of the run when below 1.
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        ok = ok and math.isfinite(value) and (value < 1 or float(value).is_integer())
+        errors.check(
+            ok,
+            f"{name} must be a whole number of steps >= 1 or a fraction of the run in (0, 1), "
+            f"got {name}={value!r}",
+        )
+
+
+def _check_flow(cfg: GRPOConfig, errors: _Errors):
+    _one_of(errors, cfg, "logging_strategy", LOGGING_STRATEGIES)
+    _one_of(errors, cfg, "save_strategy", SAVE_STRATEGIES)
+    _one_of(errors, cfg, "eval_strategy", EVAL_STRATEGIES)
+    _interval(errors, cfg, "logging_steps", "save_steps", "eval_steps")
+    errors.check(
+        not (cfg.bf16 and cfg.fp16),
+        "bf16=True and fp16=True are exclusive: pick one compute dtype",
+    )
+    errors.check(
+        cfg.data_seed is None or isinstance(cfg.data_seed, int),
+        f"data_seed must be an integer or None, got data_seed={cfg.data_seed!r}",
+    )
+
+
+def _check_controllers(cfg: GRPOConfig, errors: _Errors):
+    if cfg.sync_ref_model:
+        errors.check(
+            cfg.beta > 0,
+            "sync_ref_model=True with beta=0.0: the reference model is not used, so there is "
+            "nothing to synchronize; set beta > 0 or sync_ref_model=False",
+        )
+        errors.check(
+            not cfg.use_lora,
+            "sync_ref_model=True with LoRA (use_lora=True): the reference is the base model "
+            "with adapters off, which a sync cannot move (TRL refuses it with PEFT too); use "
+            "use_lora=False or sync_ref_model=False",
+        )
+    errors.check(
+        0.0 <= cfg.ref_model_mixup_alpha <= 1.0,
+        f"ref_model_mixup_alpha must be in [0, 1], got ref_model_mixup_alpha={cfg.ref_model_mixup_alpha!r}",
+    )
+    _positive_int(errors, cfg, "ref_model_sync_steps")
+    lo, hi = cfg.entropy_coef_min, cfg.entropy_coef_max
+    errors.check(
+        all(math.isfinite(v) for v in (lo, hi, cfg.entropy_coef_delta, cfg.entropy_target))
+        and 0 <= lo <= hi
+        and cfg.entropy_coef_delta >= 0,
+        "need finite 0 <= entropy_coef_min <= entropy_coef_max and entropy_coef_delta >= 0, got "
+        f"entropy_coef_min={lo!r}, entropy_coef_max={hi!r}, "
+        f"entropy_coef_delta={cfg.entropy_coef_delta!r}",
+    )
+
+
+def _check_kwargs_fields(cfg: GRPOConfig, errors: _Errors):
+    for key, field in GENERATION_REFUSED.items():
+        errors.check(
+            key not in (cfg.generation_kwargs or {}),
+            f"generation_kwargs={cfg.generation_kwargs!r}: set {field} instead of {key!r} "
+            "there, so that the loss sees the value the sampler used",
+        )
+    dtype = cfg.compute_dtype
+    errors.check(
+        dtype is None or dtype in DTYPES,
+        f"model_init_kwargs dtype must be one of {list(DTYPES)} or 'auto', got {dtype!r}",
+    )
+
+
+_WARNED: set[str] = set()
+
+
+def ignored_settings(cfg: GRPOConfig) -> list[str]:
+    """``"name=value (why)"`` for every setting of ``cfg`` that has no effect on MLX."""
+    out = []
+    for f in attrs.fields(type(cfg)):
+        why = f.metadata.get("ignored")
+        value = getattr(cfg, f.name)
+        if why and value != f.default:
+            out.append(f"{f.name}={value!r} ({why})")
+    for name, known in (("model_init_kwargs", MODEL_INIT_KEYS), ("generation_kwargs",
+                        GENERATION_KEYS)):  # fmt: skip
+        extra = sorted(set(getattr(cfg, name) or {}) - set(known))
+        if extra:
+            out.append(f"{name} keys {extra} (no MLX counterpart; known: {list(known)})")
+    return out
+
+
+def _warn_ignored(cfg: GRPOConfig) -> None:
+    items = ignored_settings(cfg)
+    message = "GRPOConfig: ignored on MLX: " + "; ".join(items)
+    if items and message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
 def _check_misc(cfg: GRPOConfig, errors: _Errors):
-    _positive_int(errors, cfg, "logging_steps", "save_steps")
-    if cfg.eval_steps is not None:
-        _positive_int(errors, cfg, "eval_steps")
     if cfg.save_total_limit is not None:
         _positive_int(errors, cfg, "save_total_limit")
     _positive_int(errors, cfg, "lora_rank")

@@ -33,6 +33,12 @@ from grpo.config import GRPOConfig
 from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch, pack
+from grpo.core.controllers import (
+    applied_entropy_coef,
+    sync_reference,
+    update_entropy_coef,
+    window_entropy,
+)
 from grpo.core.loss import completion_logprobs, grpo_loss
 from grpo.core.optim import decay_parameter_names, make_optimizer
 from grpo.core.rollout import Rollout, rollout
@@ -45,6 +51,7 @@ from grpo.core.score import (
 )
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import bucket_length, make_train_step
+from grpo.flow import Flow
 from grpo.io import checkpoint as ckpt
 from grpo.io.data import (
     PromptEncoder,
@@ -151,6 +158,9 @@ class Generation:
     table: tuple  # (prompts, completions, {name: rewards}, advantages) for log_completions
 
 
+REF_MODEL = "ref_model.safetensors"
+
+
 class GRPOTrainer:
     """Group Relative Policy Optimization with TRL's interface, on MLX.
 
@@ -201,6 +211,11 @@ class GRPOTrainer:
         self.train_dataset = load_prompts(train_dataset)
         check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
+        if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
+            raise ValueError(
+                f"eval_strategy={args.eval_strategy!r}, eval_on_start={args.eval_on_start} "
+                "need an eval_dataset; pass eval_dataset=... or set eval_strategy='no'"
+            )
         self.model, self.processing_class, self.base = self._load(model, processing_class)
         self.callbacks = list(callbacks or [])
         self._join(group)
@@ -221,13 +236,20 @@ class GRPOTrainer:
             loaded, tokenizer = load_model(
                 str(model), trust_remote_code=self.args.trust_remote_code
             )
-            return loaded, processing_class or tokenizer, str(model)
+            return self._cast(loaded), processing_class or tokenizer, str(model)
         if processing_class is None:
             raise ValueError(
                 "processing_class (the tokenizer) is required when model is an mlx module; "
                 "pass the tokenizer returned by mlx_lm.load, or pass the model path instead"
             )
-        return model, processing_class, None
+        return self._cast(model), processing_class, None
+
+    def _cast(self, model):
+        # bf16 / fp16 / model_init_kwargs dtype: the floating weights compute in that dtype
+        # (quantized weights stay packed; the optimizer still updates in float32).
+        if self.args.compute_dtype is not None:
+            model.set_dtype(getattr(mx, self.args.compute_dtype))
+        return model
 
     def _join(self, group: Any) -> None:
         self.group = init_distributed() if group == "auto" else group
@@ -247,6 +269,7 @@ class GRPOTrainer:
             max_prompt_length=self.args.max_prompt_length,
             context_length=self.context_length,
             overflow="truncate" if self.args.max_prompt_length is not None else "error",
+            template_kwargs=self.args.chat_template_kwargs or {},
         )
 
     def _check_prompts(self) -> None:
@@ -267,7 +290,7 @@ class GRPOTrainer:
             self.train_dataset,
             batch_size=self.args.prompts_per_generation,
             group_size=self.args.num_generations,
-            seed=self.args.seed,
+            seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
             shuffle=self.args.shuffle_dataset,
             encoder=self.encoder,
             rank=self.rank,
@@ -282,6 +305,14 @@ class GRPOTrainer:
         self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
         assert_in_sync(self.policy.params, group=self.group, what="initial parameters")
         self.max_steps = self._total_steps()
+        per_epoch = self.sampler.steps_per_epoch
+        self.flow = Flow.from_config(
+            args,
+            max_steps=self.max_steps,
+            epoch_steps=None
+            if per_epoch is None
+            else per_epoch * args.optimizer_steps_per_generation,
+        )
         self.optimizer = make_optimizer(
             args, total_steps=self.max_steps, decay_names=decay_parameter_names(self.model)
         )
@@ -290,6 +321,8 @@ class GRPOTrainer:
         self.loss_config = args.to_loss_config()
         self._advantages = self._make_advantages(args.num_generations)
         self._train_step = self._build_step()
+        # The adaptive entropy controller (TRL): no bonus until a first measurement.
+        self.entropy_coef, self._last_world_entropy = args.entropy_coef, math.inf
         self._logprobs = mx.compile(self._logprobs_fn)
 
     def _make_advantages(self, group_size: int):
@@ -476,6 +509,12 @@ class GRPOTrainer:
 
     def _step(self, window: LossBatch) -> dict[str, float]:
         self.model.train()
+        if self.args.use_adaptive_entropy:
+            coef = applied_entropy_coef(
+                self.entropy_coef, self._last_world_entropy, target=self.args.entropy_target
+            )
+            K = window.completion_mask.shape[0]
+            window = window._replace(entropy_coef=mx.full((K,), coef, mx.float32))
         state, metrics = self._train_step(self.state, window)
         metrics = D.reduce_metrics(metrics, group=self.group)
         mx.eval(state, metrics)
@@ -489,7 +528,28 @@ class GRPOTrainer:
                 )
         self.state = state
         self.model.update(state.params)  # the compiled step leaves placeholders in the model
+        self._after_step(values)
         return values
+
+    def _after_step(self, values: dict[str, float]) -> None:
+        """TRL's between-step controllers: adaptive entropy coefficient, TR-DPO sync."""
+        args = self.args
+        if args.use_adaptive_entropy:
+            entropy = window_entropy(values)
+            del values["entropy/bonus_sum"], values["entropy/bonus_tokens"]
+            self.entropy_coef = update_entropy_coef(
+                self.entropy_coef, entropy, target=args.entropy_target,
+                delta=args.entropy_coef_delta, lo=args.entropy_coef_min, hi=args.entropy_coef_max,
+            )  # fmt: skip
+            self._last_world_entropy = entropy
+        if args.use_adaptive_entropy or args.entropy_coef != 0:
+            values["entropy_coef"] = self.entropy_coef
+        if args.sync_ref_model and self.global_step % args.ref_model_sync_steps == 0:
+            ref = sync_reference(
+                self.policy.ref_params, self.state.params, alpha=args.ref_model_mixup_alpha
+            )
+            mx.eval(ref)
+            self.policy = attrs.evolve(self.policy, ref_params=ref)
 
     def _callback(self, event: str, *args) -> None:
         for cb in self.callbacks:
@@ -533,21 +593,29 @@ class GRPOTrainer:
         # instead of leaving its peers blocked in a collective.
         with fail_fast(self.group), guard:
             try:
+                if self.flow.eval_on_start and self.global_step == 0:
+                    self._log_eval(writer, 0)
                 while self.global_step < self.max_steps:
                     gen = self._next_generation(guard)
                     if gen is None:
                         break  # interrupted while generating; rolled back to the boundary
                     self.num_tokens += gen.num_tokens
+                    before = self.global_step
                     last = self._run_generation(gen, window_rows, writer, progress) or last
                     done = gen
-                    if self.global_step // args.save_steps > saved_at // args.save_steps:
+                    if self.flow.log_at_boundary(before, self.global_step) and window_rows:
+                        last = self._log(window_rows, writer, self.global_step, gen) or last
+                        window_rows.clear()
+                    if self.flow.eval_at_boundary(before, self.global_step):
+                        self._log_eval(writer, self.global_step)
+                    if self.flow.save_at_boundary(saved_at, self.global_step):
                         self.save_checkpoint()
                         saved_at = self.global_step
                     if self.should_stop or guard.requested:
                         break
                 if guard.requested and window_rows:  # log the steps since the last record
                     last = self._log(window_rows, writer, self.global_step, done) or last
-                if saved_at != self.global_step:
+                if saved_at != self.global_step and self.flow.saves:
                     self.save_checkpoint()
             finally:
                 progress.close()
@@ -593,15 +661,11 @@ class GRPOTrainer:
                 window_rows.append(values)
                 step = self.global_step
                 self._callback("on_step_end", step, values)
-                if step % args.logging_steps == 0 or step == self.max_steps:
+                if self.flow.log_at(step):
                     logged = self._log(window_rows, writer, step, gen)
                     window_rows.clear()
                 progress.update(step, logged or values)
-                if (
-                    args.eval_steps
-                    and self.eval_dataset is not None
-                    and step % args.eval_steps == 0
-                ):
+                if self.flow.eval_at(step):
                     self._log_eval(writer, step)
         return logged
 
@@ -694,6 +758,10 @@ class GRPOTrainer:
             "num_tokens": self.num_tokens,
             "max_steps": self.max_steps,
             "config": self.args.to_dict(),
+            "controllers": {
+                "entropy_coef": self.entropy_coef,
+                "last_world_entropy": self._last_world_entropy,
+            },
         }
 
     def save_checkpoint(self) -> Path:
@@ -702,7 +770,11 @@ class GRPOTrainer:
         trainer_state = self._trainer_state()
         if is_main_process(self.group):
             ckpt.save_checkpoint(
-                path, self.state, adapter_config=self._adapter_config(), trainer_state=trainer_state
+                path,
+                self.state,
+                adapter_config=self._adapter_config(),
+                trainer_state=trainer_state,
+                extra_trees=self._extra_trees(),
             )
             ckpt.rotate_checkpoints(self.args.output_dir, keep=self.args.save_total_limit)
         barrier(self.group)
@@ -717,6 +789,10 @@ class GRPOTrainer:
         if is_main_process(self.group):
             ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
         return out
+
+    def _extra_trees(self) -> dict:
+        # A TR-DPO reference has moved away from the initial weights: keep it for resume.
+        return {REF_MODEL: self.policy.ref_params} if self.args.sync_ref_model else {}
 
     def _resume(self, resume_from_checkpoint: str | bool) -> None:
         path = (
@@ -733,5 +809,11 @@ class GRPOTrainer:
             )
         self.sampler.load_state_dict(per_rank[self.rank])
         self.num_tokens = int(meta.get("num_tokens", 0))
+        controllers = meta.get("controllers", {})
+        self.entropy_coef = controllers.get("entropy_coef", self.entropy_coef)
+        self._last_world_entropy = controllers.get("last_world_entropy", math.inf)
+        if self.args.sync_ref_model:
+            ref = ckpt.load_extra_tree(path, REF_MODEL, self.policy.ref_params)
+            self.policy = attrs.evolve(self.policy, ref_params=ref)
         self.state = state
         self.model.update(state.params)

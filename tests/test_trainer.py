@@ -305,7 +305,13 @@ def test_epochs_eval_steps_and_recomputed_old_logprobs(tiny_model_dir, tmp_path)
     """max_steps=-1 trains num_train_epochs; eval_steps logs eval rewards; with top-k sampling
     and num_iterations=2 the old log-probs come from the model, so step 1 has ratio 1."""
     args = _args(
-        tmp_path, max_steps=-1, num_train_epochs=1, eval_steps=2, num_iterations=2, top_k=20
+        tmp_path,
+        max_steps=-1,
+        num_train_epochs=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        num_iterations=2,
+        top_k=20,
     )
     trainer = GRPOTrainer(
         str(tiny_model_dir), sevens, args=args, train_dataset=PROMPTS, eval_dataset=PROMPTS[:2]

@@ -36,6 +36,9 @@ class LossBatch(NamedTuple):
     num_items_in_batch: mx.array | None = (
         None  # [] active tokens of the generation batch (dapo/cispo/vespo)
     )
+    entropy_coef: mx.array | None = (
+        None  # [] run-time entropy-bonus coefficient (adaptive control); None = the config's
+    )
 
 
 def pack(

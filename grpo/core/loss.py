@@ -639,7 +639,12 @@ def make_policy_loss(cfg: LossConfig) -> PolicyLoss:
         if cfg.entropy_coef != 0 or entropy_coef is not None:
             coef = cfg.entropy_coef if entropy_coef is None else entropy_coef
             metrics["policy_loss"] = mx.stop_gradient(loss)
-            loss = loss - coef * masked_mean(_need(entropies, cfg), bonus_mask)
+            h = _need(entropies, cfg)
+            loss = loss - coef * masked_mean(h, bonus_mask)
+            if entropy_coef is not None:
+                # The adaptive controller's measurement: entropy summed over the bonus tokens.
+                metrics["entropy/bonus_sum"] = mx.stop_gradient((h * bonus_mask).sum())
+                metrics["entropy/bonus_tokens"] = bonus_mask.sum()
         return loss.astype(mx.float32), metrics
 
     return loss_fn
@@ -855,4 +860,5 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
         ref_logprobs=ref_logprobs,
         entropies=entropies,
         num_items_in_batch=batch.num_items_in_batch,
+        entropy_coef=batch.entropy_coef,
     )

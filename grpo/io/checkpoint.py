@@ -76,6 +76,7 @@ def save_checkpoint(
     *,
     adapter_config: dict,
     trainer_state: dict | None = None,
+    extra_trees: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``state`` atomically to ``directory`` (replacing any existing one).
 
@@ -84,6 +85,8 @@ def save_checkpoint(
         state: the :class:`TrainState` to save (evaluated here).
         adapter_config: mlx-lm adapter config (``fine_tune_type`` ``"lora"`` or ``"full"``).
         trainer_state: extra JSON-able data (sampler position, config, metrics history).
+        extra_trees: more array trees to keep, ``{file name: tree}`` (e.g. a synced
+            reference model), written inside the same atomic save.
 
     Returns:
         ``directory`` as a ``Path``.
@@ -98,6 +101,10 @@ def save_checkpoint(
     try:
         mx.save_safetensors(str(tmp / ADAPTERS), _flat(state.params), metadata={"format": "mlx"})
         mx.save_safetensors(str(tmp / OPTIMIZER), _flat(state.opt_state))
+        for name, tree in (extra_trees or {}).items():
+            mx.eval(tree)
+            mx.save_safetensors(str(tmp / name), _flat(tree))
+            _fsync_file(tmp / name)
         _write_json(tmp / ADAPTER_CONFIG, adapter_config)
         meta = {
             "step": int(state.step.item()),
@@ -226,6 +233,15 @@ def load_checkpoint(directory: str | Path, template: TrainState) -> tuple[TrainS
         step=mx.array(int(meta["step"]), dtype=mx.int32),
     )
     return state, meta
+
+
+def load_extra_tree(directory: str | Path, name: str, template: Any) -> Any:
+    """A tree saved with ``save_checkpoint(..., extra_trees={name: tree})``, in the
+    structure of ``template``; raises :class:`CheckpointError` when absent or mismatched."""
+    directory = Path(directory)
+    if not (directory / name).is_file():
+        raise CheckpointError(f"{directory} lacks {name}, which this run needs to resume")
+    return _fill(template, _load_safetensors(directory / name), name, directory)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
