@@ -144,12 +144,26 @@ def _check_prompts(prompts, model) -> list[int]:
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompts must all be non-empty, got lengths {lengths}")
-    vocab = model.args.vocab_size if hasattr(model, "args") else None
+    vocab = vocab_size(model)
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= int(t) < (vocab or 2**31)]
         if bad:
             raise ValueError(f"prompts[{i}] holds token ids outside [0, {vocab}): {bad[:5]}")
     return lengths
+
+
+def vocab_size(model) -> int | None:
+    """The model's vocabulary from its args (top level or a nested ``text_config``)."""
+    args = getattr(model, "args", None)
+    for where in (args, getattr(args, "text_config", None)):
+        v = (
+            where.get("vocab_size")
+            if isinstance(where, dict)
+            else getattr(where, "vocab_size", None)
+        )
+        if isinstance(v, int):
+            return v
+    return None
 
 
 @contextlib.contextmanager
@@ -357,8 +371,11 @@ def _initial_state(cache, prompts, sampling, V, *, shared: bool) -> DecodeState:
     prefix_k = [c.keys[..., :P, :] for c in cache]
     prefix_v = [c.values[..., :P, :] for c in cache]
     if shared:
-        empty = [mx.zeros((len(rows), *k.shape[1:2], 0, k.shape[3]), k.dtype) for k in prefix_k]
-        keys, values = empty, list(empty)
+
+        def empty(x):  # keys and values may differ in head size (latent attention)
+            return mx.zeros((len(rows), x.shape[1], 0, x.shape[3]), x.dtype)
+
+        keys, values = [empty(k) for k in prefix_k], [empty(v) for v in prefix_v]
     else:
         keys, values = [k[rows] for k in prefix_k], [v[rows] for v in prefix_v]
         prefix_k, prefix_v = [], []
@@ -461,7 +478,9 @@ def _decode(model, cache, logits, key, prompts, sampling):
     """Sample up to ``max_tokens`` tokens for all ``N`` rows (ids, log-probs ``[N, T]``)."""
     G, T = sampling.group_size, sampling.max_tokens
     rows = mx.repeat(mx.arange(len(prompts)), G)
-    state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=shares_prefix(model))
+    from grpo.core.shared_prompt import prefix_ok  # (it imports this module)
+
+    state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=prefix_ok(model))
     step_keys = mx.random.split(key, T)
     state, lp = _compiled_first(sampling)(logits[rows], state, step_keys[0])
     out = _Segments(len(prompts) * G)

@@ -1,0 +1,67 @@
+"""Every tested mlx-lm architecture trains on exactly its own log-probs (tests/arch_cases.py).
+
+The independent reference is mlx-lm's own full forward, ``log_softmax(model(prompt ++
+completion))``, read at the completion positions.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from arch_cases import CASES, build
+
+from grpo.core.batch import LossBatch, pack
+from grpo.core.loss import completion_logprobs
+from grpo.io.model import load_model
+
+MODEL_TYPES = list(CASES)
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arch")
+    return lambda name: build(root / name, name) if not (root / name).exists() else root / name
+
+
+def _load(arch_dirs, name):
+    # grpo's loader: mlx_lm.load plus grpo's CPU attention (the path training takes).
+    return load_model(str(arch_dirs(name)))
+
+
+def _batch(P=5, T=4, G=2, seed=0):
+    # Two prompts of different lengths, G completions each (rows group-contiguous).
+    rng = np.random.default_rng(seed)
+    lengths = mx.repeat(mx.array([P, P - 2], dtype=mx.int32), G)
+    prompts = mx.repeat(mx.array(rng.integers(3, 99, (2, P)), dtype=mx.int32), G, axis=0)
+    completions = mx.array(rng.integers(3, 99, (2 * G, T)), dtype=mx.int32)
+    ids = pack(prompts, lengths, completions)
+    mask = mx.ones((2 * G, T), mx.float32)
+    return LossBatch(ids, lengths, completions, mask, mx.zeros((2 * G,), mx.float32))
+
+
+def _reference_logprobs(model, batch):
+    # mlx-lm's own forward on each row alone (no padding), float64 log-softmax in NumPy.
+    out = []
+    for i in range(batch.input_ids.shape[0]):
+        s, T = int(batch.completion_start[i]), batch.completion_ids.shape[1]
+        logits = np.array(model(batch.input_ids[i : i + 1, : s + T]).astype(mx.float32), np.float64)
+        z = logits[0, s - 1 : s + T - 1]
+        logp = (
+            z
+            - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - z.max(-1, keepdims=True)
+        )
+        out.append(
+            np.take_along_axis(logp, np.array(batch.completion_ids[i])[:, None], axis=1)[:, 0]
+        )
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_loss_logprobs_are_the_models_own(arch_dirs, model_type):
+    model, _ = _load(arch_dirs, model_type)
+    model.eval()
+    batch = _batch()
+    want = _reference_logprobs(model, batch)
+    for share in (1, 2):
+        got = completion_logprobs(model, model.trainable_parameters(), batch, prompt_share=share)
+        np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=0, err_msg=f"share={share}")
