@@ -65,3 +65,27 @@ def test_loss_logprobs_are_the_models_own(arch_dirs, model_type):
     for share in (1, 2):
         got = completion_logprobs(model, model.trainable_parameters(), batch, prompt_share=share)
         np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=0, err_msg=f"share={share}")
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_rollout_logprobs_equal_training_forward(arch_dirs, model_type):
+    from grpo.core.rollout import rollout
+    from grpo.core.sampling import SamplingConfig
+
+    model, _ = _load(arch_dirs, model_type)
+    # Ragged prompts longer than the sliding windows (4), and eos ids that end rows early.
+    prompts = [[5, 9, 17, 33, 40, 41, 60], [7, 8, 12]]
+    sampling = SamplingConfig(group_size=2, max_tokens=6, temperature=0.9, eos_ids=(11, 12))
+    roll = rollout(model.parameters(), mx.random.key(3), prompts, model=model, sampling=sampling)
+    batch = LossBatch(
+        pack(roll.prompt_ids, roll.prompt_lengths, roll.completion_ids),
+        roll.prompt_lengths,
+        roll.completion_ids,
+        roll.completion_mask,
+        mx.zeros((4,), mx.float32),
+    )
+    model.eval()
+    got = completion_logprobs(model, model.parameters(), batch, temperature=0.9, prompt_share=2)
+    mask = np.array(roll.completion_mask) > 0
+    assert mask.sum() >= 4
+    np.testing.assert_allclose(np.array(roll.logprobs)[mask], np.array(got)[mask], atol=1e-4)
