@@ -10,6 +10,7 @@ import pytest
 from arch_cases import CASES, build
 
 from grpo.core.batch import LossBatch, pack
+from grpo.core.lm import check_split
 from grpo.core.loss import completion_logprobs
 from grpo.io.model import load_model
 
@@ -62,6 +63,8 @@ def test_loss_logprobs_are_the_models_own(arch_dirs, model_type):
     model.eval()
     batch = _batch()
     want = _reference_logprobs(model, batch)
+    # Every listed type takes the split (chunked-head) path, not the full-forward fallback.
+    assert check_split(model)
     for share in (1, 2):
         got = completion_logprobs(model, model.trainable_parameters(), batch, prompt_share=share)
         np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=0, err_msg=f"share={share}")
@@ -89,3 +92,70 @@ def test_rollout_logprobs_equal_training_forward(arch_dirs, model_type):
     mask = np.array(roll.completion_mask) > 0
     assert mask.sum() >= 4
     np.testing.assert_allclose(np.array(roll.logprobs)[mask], np.array(got)[mask], atol=1e-4)
+
+
+def id_sum(completions, completion_ids, **kwargs):
+    """A reward that differs between almost any two sampled completions (nonzero advantages)."""
+    return [float(sum(ids)) for ids in completion_ids]
+
+
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_two_grpo_steps_train(arch_dirs, tmp_path, model_type, use_lora):
+    from helpers import PROMPTS, flat_numpy, tiny_args
+
+    from grpo.trainer import GRPOTrainer
+
+    args = tiny_args(
+        tmp_path,
+        max_steps=2,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=3,
+        use_lora=use_lora,
+        lora_rank=4,
+        beta=0.04,
+        save_steps=1000,
+    )
+    trainer = GRPOTrainer(str(arch_dirs(model_type)), id_sum, args=args, train_dataset=PROMPTS)
+    before = flat_numpy(trainer.state.params)
+    trainer.train()
+    after = flat_numpy(trainer.state.params)
+    assert set(before) == set(after) and before
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert changed, "no trainable parameter moved"
+    for record in trainer.log_history:
+        bad = {k: v for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)}
+        assert not bad, bad
+    assert len(trainer.log_history) == 2
+
+
+def test_a_head_that_reads_the_inputs_falls_back_to_the_full_forward(arch_dirs):
+    # A model whose __call__ does more than head(trunk(x)) (here: a logit bias that depends
+    # on the input ids) fails the construction check and is scored by its own forward.
+    from mlx_lm.models import llama
+
+    class Biased(llama.Model):
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            out = super().__call__(inputs, cache, input_embeddings)
+            return out + 0.5 * (inputs[..., None] % 3).astype(out.dtype)
+
+    model, _ = _load(arch_dirs, "llama")
+    model.__class__ = Biased
+    model.eval()
+    assert not check_split(model)
+    batch = _batch()
+    want = _reference_logprobs(model, batch)
+    got = completion_logprobs(model, model.trainable_parameters(), batch, prompt_share=2)
+    np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=0)
+
+
+def test_support_matrix_doc_is_generated_from_the_cases():
+    from pathlib import Path
+
+    from arch_cases import support_matrix
+
+    doc = Path(__file__).parent.parent / "docs" / "models.md"
+    assert doc.read_text() == support_matrix(), (
+        "regenerate: python tests/arch_cases.py > docs/models.md"
+    )
