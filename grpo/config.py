@@ -98,6 +98,10 @@ class GRPOConfig:
           ``adamw_torch_fused``, ``adamw_hf``, ...) is ``torch.optim.AdamW`` exactly
           (bias-corrected, decoupled decay, no decay on biases and norm weights), and the
           8-bit / paged AdamW variants run the same update with float32 states.
+        - ``adapter_path`` (new): continue the LoRA adapters saved there (rank and targets
+          from its ``adapter_config.json``; ``lora_rank`` etc. are then not used).
+        - ``router_aux_loss_coef`` (TRL: a model-config value): must stay 0, since no mlx-lm
+          model returns its router logits; a nonzero value is refused naming the model type.
         - No vLLM, DeepSpeed, tool calling, adaptive entropy or multimodal fields.
     """
 
@@ -113,6 +117,10 @@ class GRPOConfig:
     quantize_bits: int | None = None
     quantize_group_size: int = 64
     trust_remote_code: bool = False
+    # mlx-lm adapters (adapter_config.json + adapters.safetensors) to continue training.
+    adapter_path: str | None = None
+    # TRL's MoE load-balancing weight; mlx-lm models expose no router logits, so only 0.
+    router_aux_loss_coef: float = 0.0
     gradient_checkpointing: bool = False
 
     # -- data ----------------------------------------------------------------------------

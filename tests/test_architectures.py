@@ -99,6 +99,18 @@ def id_sum(completions, completion_ids, **kwargs):
     return [float(sum(ids)) for ids in completion_ids]
 
 
+def _assert_experts_adapted(model):
+    # mlx-lm's own switch-layer LoRA on every expert bank that LoRA reaches (MoE types).
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.tuner.lora import LoRASwitchLinear
+
+    modules = [m for _, m in model.named_modules()]
+    banks = [m for m in modules if isinstance(m, SwitchLinear)]
+    if banks:
+        adapted = [m for m in modules if isinstance(m, LoRASwitchLinear)]
+        assert adapted and len(adapted) == len(banks)
+
+
 @pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_two_grpo_steps_train(arch_dirs, tmp_path, model_type, use_lora):
@@ -119,6 +131,8 @@ def test_two_grpo_steps_train(arch_dirs, tmp_path, model_type, use_lora):
     )
     trainer = GRPOTrainer(str(arch_dirs(model_type)), id_sum, args=args, train_dataset=PROMPTS)
     before = flat_numpy(trainer.state.params)
+    if use_lora:
+        _assert_experts_adapted(trainer.model)
     trainer.train()
     after = flat_numpy(trainer.state.params)
     assert set(before) == set(after) and before
@@ -159,3 +173,32 @@ def test_support_matrix_doc_is_generated_from_the_cases():
     assert doc.read_text() == support_matrix(), (
         "regenerate: python tests/arch_cases.py > docs/models.md"
     )
+
+
+def test_router_aux_loss_coef_is_refused_naming_the_model_type(arch_dirs, tmp_path):
+    from helpers import PROMPTS, tiny_args
+
+    from grpo.trainer import GRPOTrainer
+
+    args = tiny_args(tmp_path, router_aux_loss_coef=0.01)
+    with pytest.raises(ValueError, match="router_aux_loss_coef.*'qwen3_moe'"):
+        GRPOTrainer(str(arch_dirs("qwen3_moe")), id_sum, args=args, train_dataset=PROMPTS)
+
+
+def test_an_unsupported_model_is_refused_at_construction(arch_dirs, tmp_path):
+    # A forward that does not return [1, L, V] logits (here a tuple) cannot be trained.
+    from helpers import PROMPTS, tiny_args
+    from mlx_lm.models import llama
+
+    from grpo.trainer import GRPOTrainer
+
+    class Pair(llama.Model):
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            return super().__call__(inputs, cache, input_embeddings), None
+
+    model, tok = _load(arch_dirs, "llama")
+    model.__class__ = Pair
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        GRPOTrainer(
+            model, id_sum, args=tiny_args(tmp_path), train_dataset=PROMPTS, processing_class=tok
+        )
