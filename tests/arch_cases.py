@@ -274,8 +274,27 @@ def build(path: str | Path, model_type: str, *, seed: int = 0, std: float = 0.1)
     return path
 
 
-def support_matrix() -> str:
-    """``docs/models.md``: one row per tested model type."""
+def paths(model_dir: Path) -> tuple[str, str, str]:
+    """How grpo runs the model in ``model_dir``: (training head, prompt sharing, rollout)."""
+    from grpo.core.lm import check_split
+    from grpo.core.rollout import batches_rows
+    from grpo.core.shared_prompt import check_prefix_sharing
+    from grpo.io.model import load_model
+
+    model, _ = load_model(str(model_dir))
+    head = "split (chunked head)" if check_split(model) else "model's own forward"
+    shared = "yes" if check_prefix_sharing(model) else "no (packed rows)"
+    rollout = "batched, compiled" if batches_rows(model) else "per prompt, mlx-lm caches"
+    return head, shared, rollout
+
+
+def support_matrix(model_dir=None) -> str:
+    """``docs/models.md``: one row per tested model type (``model_dir(type)`` -> its build)."""
+    if model_dir is None:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp())
+        model_dir = lambda name: build(root / name, name)  # noqa: E731
     lines = [
         "# Supported models",
         "",
@@ -283,17 +302,28 @@ def support_matrix() -> str:
         "random config loaded through `mlx_lm.load`: the loss's log-probs equal",
         "`log_softmax(model(prompt ++ completion))` (1e-5), the rollout's sampling log-probs",
         "equal the training forward's (1e-4), and two GRPO steps (LoRA and full fine-tune)",
-        "change the trainable weights with finite metrics. This page is generated from that",
-        "test's cases (`python tests/arch_cases.py > docs/models.md`); a test fails if it drifts.",
+        "change the trainable weights with finite metrics; LoRA reaches MoE experts through",
+        "mlx-lm's `LoRASwitchLinear`. This page is generated from that test's cases",
+        "(`python tests/arch_cases.py > docs/models.md`); a test fails if it drifts.",
         "",
-        "Other mlx-lm types are checked when the trainer is built: the split training",
-        "forward (trunk, then the head only at completion positions) must reproduce the",
-        "model's own logits on a few tokens, otherwise the model's own `__call__` is used.",
+        "Columns: *head*: the training forward runs the trunk and applies the model's own",
+        "head only at completion positions (verified against the model's full forward when",
+        "the trainer is built; a model that disagrees is scored by its own forward). *shared",
+        "prompt*: each prompt's trunk pass serves its whole group (verified the same way).",
+        "*rollout*: plain-`KVCache` models decode all rows in one compiled batch; sliding-",
+        "window, recurrent/SSM and mixed caches prefill each prompt once and fork the cache",
+        "into its group.",
         "",
-        "| model_type | exercises |",
-        "|---|---|",
+        "Other mlx-lm types go through the same checks at construction; a model whose",
+        "forward does not return `[B, L, V]` logits is refused with its `model_type`.",
+        "MoE: no mlx-lm model exposes router logits, so `router_aux_loss_coef` must be 0.",
+        "",
+        "| model_type | exercises | head | shared prompt | rollout |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| `{name}` | {note} |" for name, (_, note) in CASES.items()]
+    for name, (_, note) in CASES.items():
+        head, shared, rollout = paths(model_dir(name))
+        lines.append(f"| `{name}` | {note} | {head} | {shared} | {rollout} |")
     if REFUSED:
         lines += ["", "## Refused", "", "| model_type | reason |", "|---|---|"]
         lines += [f"| `{name}` | {why} |" for name, why in REFUSED.items()]

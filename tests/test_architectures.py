@@ -164,13 +164,13 @@ def test_a_head_that_reads_the_inputs_falls_back_to_the_full_forward(arch_dirs):
     np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=0)
 
 
-def test_support_matrix_doc_is_generated_from_the_cases():
+def test_support_matrix_doc_is_generated_from_the_cases(arch_dirs):
     from pathlib import Path
 
     from arch_cases import support_matrix
 
     doc = Path(__file__).parent.parent / "docs" / "models.md"
-    assert doc.read_text() == support_matrix(), (
+    assert doc.read_text() == support_matrix(arch_dirs), (
         "regenerate: python tests/arch_cases.py > docs/models.md"
     )
 
@@ -202,3 +202,31 @@ def test_an_unsupported_model_is_refused_at_construction(arch_dirs, tmp_path):
         GRPOTrainer(
             model, id_sum, args=tiny_args(tmp_path), train_dataset=PROMPTS, processing_class=tok
         )
+
+
+def test_fork_cache_repeats_every_cache_type_per_row():
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+
+    from grpo.core.rollout import fork_cache
+
+    k = mx.random.normal((1, 2, 5, 4), key=mx.random.key(0))
+    kv, rot, quant = KVCache(), RotatingKVCache(max_size=3), KVCache()
+    kv.update_and_fetch(k, k + 1)
+    rot.update_and_fetch(k, k - 1)
+    quant.update_and_fetch(mx.tile(k, (1, 1, 1, 8)), mx.tile(k, (1, 1, 1, 8)))
+    quant = quant.to_quantized(group_size=32, bits=8)
+    arrays = ArraysCache(2)
+    arrays[0], arrays[1] = k[:, :, :2], k[:, 0]
+    caches = [kv, rot, quant, arrays, CacheList(KVCache(), ArraysCache(1))]
+    caches[-1][0].update_and_fetch(k, k)
+    caches[-1][1][0] = k[:, 0]
+    before = [tree_flatten(c.state) for c in caches]
+    fork_cache(caches, 3)
+    for old, c in zip(before, caches, strict=True):
+        for (_, a), (_, b) in zip(old, tree_flatten(c.state), strict=True):
+            if isinstance(a, mx.array):
+                assert b.shape == (3, *a.shape[1:])
+                np.testing.assert_array_equal(np.array(b), np.repeat(np.array(a), 3, axis=0))
+            else:
+                assert a == b
