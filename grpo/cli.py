@@ -78,7 +78,10 @@ FIELD_HELP: dict[str, str] = {
     "lora_target_modules": "Module names to adapt (`None`: mlx-lm's defaults for the architecture).",
     "quantize_bits": "Quantise the frozen base model at load (QLoRA); needs `use_lora=True`.",
     "quantize_group_size": "Group size of that quantisation (32, 64 or 128).",
-    "trust_remote_code": "Allow tokenizers that ship custom code from the Hub.",
+    "trust_remote_code": "Allow models and tokenizers that ship custom code.",
+    "adapter_path": "Continue training the mlx-lm LoRA adapters in this directory.",
+    "router_aux_loss_coef": "MoE load-balancing loss weight (TRL); must be None or 0: mlx-lm models "
+    "expose no router logits.",
     "gradient_checkpointing": "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).",
     "max_prompt_length": "Prompts longer than this keep their last tokens (`None`: no limit).",
     "shuffle_dataset": "Shuffle the training prompts (seeded by `seed`).",
@@ -294,8 +297,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, job_defaults: dict) -> 
         "GRPOConfig fields (TRL names; these override --config, which overrides the defaults)"
     )
     for name, tp, default in config_fields():
-        if f"--{name}" in parser._option_string_actions:
-            continue  # the command's own flag of that name (e.g. --resume_from_checkpoint)
+        if f"--{name}" in parser._option_string_actions or name in RUN_KEYS:
+            continue  # the command's own flag of that name (--resume_from_checkpoint, ...)
         shown = default if not isinstance(default, tuple) else ",".join(map(str, default))
         extra = f"; default job: {job_defaults[name]}" if name in job_defaults else ""
         kwargs: dict[str, Any] = dict(
@@ -393,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite_output_dir",
         action="store_true",
         help="start afresh even if --output_dir already holds a run's metrics.jsonl",
+    )
+    train.add_argument(
+        "--adapter_path",
+        metavar="DIR",
+        help="continue training these mlx-lm LoRA adapters (e.g. an SFT run's output)",
     )
     add_config_flags(train, job_defaults=DEFAULT_TRAIN_ARGS)
 
@@ -527,7 +535,10 @@ class Run:
         base = dict(default_job.DEFAULT_TRAIN_ARGS) if self.default_model else {}
         if command == "eval" and self.default_model:
             base["per_device_eval_batch_size"] = 64
-        self.config = make_config(base, file_cfg, flag_overrides(args))
+        adapter = {"adapter_path": str(self.adapter_path)} if command == "train" else {}
+        self.config = make_config(
+            base, file_cfg, flag_overrides(args), adapter if self.adapter_path else {}
+        )
         ws = args.warm_start_steps
         if ws is not None and ws < 0:
             raise UsageError(f"--warm_start_steps must be >= 0, got {ws}")
@@ -590,11 +601,16 @@ class Run:
 def _load_model(path: str, adapter_path: str | None, *, trust_remote_code: bool):
     import mlx_lm
 
+    from grpo.io.model import load_trained
+
     try:
+        if adapter_path is not None:  # re-quantizes a QLoRA run's base as it was trained
+            return load_trained(path, adapter_path, trust_remote_code=trust_remote_code)
         return mlx_lm.load(
             path,
             adapter_path=adapter_path,
             tokenizer_config={"trust_remote_code": True} if trust_remote_code else None,
+            trust_remote_code=trust_remote_code,
         )
     except Exception as e:
         raise UsageError(

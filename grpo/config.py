@@ -168,7 +168,13 @@ class GRPOConfig:
           ``adamw_torch_fused``, ``adamw_hf``, ...) is ``torch.optim.AdamW`` exactly
           (bias-corrected, decoupled decay, no decay on biases and norm weights), and the
           8-bit / paged AdamW variants run the same update with float32 states.
-        - No vLLM, DeepSpeed, tool calling, adaptive entropy or multimodal fields.
+        - ``adapter_path`` (new): continue the LoRA adapters saved there (rank and targets
+          from its ``adapter_config.json``; ``lora_rank`` etc. are then not used).
+        - ``router_aux_loss_coef`` (TRL 1.16: ``None``, the model config's value): ``None`` or
+          0 only, since no mlx-lm model returns its router logits; a nonzero value is refused
+          naming the model type.
+        - vLLM, DeepSpeed/FSDP, CUDA and hub fields are accepted without effect and named in
+          one warning at construction (docs/porting-from-trl.md lists every field).
     """
 
     # -- model and LoRA --------------------------------------------------------------------
@@ -183,6 +189,10 @@ class GRPOConfig:
     quantize_bits: int | None = None
     quantize_group_size: int = 64
     trust_remote_code: bool = False
+    # mlx-lm adapters (adapter_config.json + adapters.safetensors) to continue training.
+    adapter_path: str | None = None
+    # TRL's MoE load-balancing weight; mlx-lm models expose no router logits, so only 0.
+    router_aux_loss_coef: float | None = None
     gradient_checkpointing: bool = False
 
     # -- data ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from grpo.core.batch import LossBatch
+from grpo.core.lm import completion_logits
 from grpo.core.logprobs import token_logprobs, token_logprobs_and_entropy
 from grpo.core.numerics import masked_mean, masked_sum, safe_div
 from grpo.core.shared_prompt import can_share, shared_prompt_hidden
@@ -707,17 +708,6 @@ def policy_loss(
 # -------------------------------------------------------------- model level
 
 
-def _lm_head(model):
-    if hasattr(model, "lm_head"):
-        return model.lm_head
-    if hasattr(model, "model") and hasattr(model.model, "embed_tokens"):
-        return model.model.embed_tokens.as_linear  # tied embeddings (llama/qwen2 convention)
-    raise ValueError(
-        f"completion_logprobs: {type(model).__name__} has neither `lm_head` nor "
-        "`model.embed_tokens`; only mlx-lm models whose logits are head(model.model(x)) work"
-    )
-
-
 def completion_logprobs(
     model,
     params,
@@ -731,14 +721,15 @@ def completion_logprobs(
 
     .. math:: \\log\\pi_\\theta(c_{i,t} \\mid x_{i, < s_i + t}), \\quad s_i = \\text{completion\\_start}_i
 
-    Runs the transformer trunk ``model.model`` on ``batch.input_ids``, gathers the hidden
-    states at positions ``s_i - 1 + t`` (the ones that predict completion token ``t``) and
-    applies the LM head (``model.lm_head`` or, with tied embeddings,
-    ``model.model.embed_tokens.as_linear``) only there: ``[N, T, V]`` logits, never
-    ``[N, P + T, V]``. The one place where the model object meets the parameter arrays.
+    Runs the model's trunk on ``batch.input_ids``, gathers the hidden states at positions
+    ``s_i - 1 + t`` (the ones that predict completion token ``t``) and applies the model's
+    own head only there (:mod:`grpo.core.lm`): ``[N, T, V]`` logits, never
+    ``[N, P + T, V]``. A model whose trunk/head split was not verified equal to its own
+    forward is scored by that full forward instead. The one place where the model object
+    meets the parameter arrays.
 
     Args:
-        model: an mlx-lm causal LM (llama/qwen2 layout); updated in place with ``params``.
+        model: an mlx-lm causal LM; updated in place with ``params``.
         params: parameter tree for ``model.update`` (all weights, or only the trainable
             ones, e.g. LoRA adapters, on top of the frozen rest).
         batch: a :class:`LossBatch`; needs ``input_ids [N, P+T]``, ``completion_start [N]``
@@ -753,22 +744,29 @@ def completion_logprobs(
         ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
     """
     model.update(params)
-    logits = _lm_head(model)(_completion_hidden(model, batch, prompt_share))
+    logits = _completion_logits(model, batch, prompt_share)
     if with_entropy:
         return token_logprobs_and_entropy(logits, batch.completion_ids, temperature=temperature)
     return token_logprobs(logits, batch.completion_ids, temperature=temperature)
 
 
-def _completion_hidden(model, batch: LossBatch, prompt_share: int) -> mx.array:
+def _completion_logits(model, batch: LossBatch, prompt_share: int) -> mx.array:
     N, T = batch.completion_ids.shape
-    if can_share(model, N, prompt_share):
-        return shared_prompt_hidden(
-            model, batch.input_ids, batch.completion_start, batch.completion_ids, share=prompt_share
-        )
-    hidden = model.model(batch.input_ids)  # [N, P+T, D]
     # Row i's completion token t sits at s_i + t and is predicted from position s_i + t - 1.
     pos = batch.completion_start.astype(mx.int32)[:, None] - 1 + mx.arange(T)[None, :]
-    return mx.take_along_axis(hidden, pos[..., None], axis=1)
+    hidden_fn = None
+    if can_share(model, N, prompt_share):
+
+        def hidden_fn():
+            return shared_prompt_hidden(
+                model,
+                batch.input_ids,
+                batch.completion_start,
+                batch.completion_ids,
+                share=prompt_share,
+            )
+
+    return completion_logits(model, batch.input_ids, pos, hidden_fn)
 
 
 def lora_reference_params(params):

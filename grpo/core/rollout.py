@@ -23,7 +23,8 @@ from typing import NamedTuple, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
+from mlx.utils import tree_map
+from mlx_lm.models.cache import BatchKVCache, CacheList, KVCache, make_prompt_cache
 
 from grpo.core.sampling import SamplingConfig, make_sample_fn
 
@@ -123,7 +124,8 @@ def rollout(
             model is restored to its own parameters and train/eval mode afterwards.
         key: RNG key; same key, params and prompts give the same ``Rollout``.
         prompts: ``B`` lists of token ids (ragged lengths, each non-empty).
-        model: An mlx-lm model whose cache is one ``KVCache`` per layer.
+        model: An mlx-lm model (any cache :func:`mlx_lm.models.cache.make_prompt_cache`
+            builds; see :func:`plain_kv_cache`).
         sampling: Sampling knobs; ``T <= sampling.max_tokens``.
 
     Returns:
@@ -131,9 +133,97 @@ def rollout(
     """
     lengths = _check_prompts(prompts, model)
     with _policy(model, params):
-        cache, logits = _prefill(model, prompts, lengths)
-        tokens, logprobs = _decode(model, cache, logits, key, prompts, sampling)
+        if batches_rows(model):
+            cache, logits = _prefill(model, prompts, lengths)
+            tokens, logprobs = _decode(model, cache, logits, key, prompts, sampling)
+        else:
+            tokens, logprobs = _rollout_per_prompt(model, prompts, key, sampling)
     return _assemble(prompts, lengths, tokens, logprobs, sampling)
+
+
+def batches_rows(model) -> bool:
+    """True when ``model`` takes the batched, compiled decode over all ``B * G`` rows.
+
+    That needs one plain ``KVCache`` per layer and attention through mlx-lm's
+    ``scaled_dot_product_attention`` (which takes per-row padding masks; an architecture
+    that forms its own scores, such as Gemma 2's soft-capped attention, cannot broadcast
+    them). Any other model (sliding-window ``RotatingKVCache``, ``ArraysCache`` recurrent /
+    SSM state, ``CacheList``, mixed lists) is decoded prompt by prompt with mlx-lm's own
+    caches (:func:`_rollout_per_prompt`): slower, exact for every cache type.
+    """
+    module = sys.modules.get(type(model).__module__)
+    if not hasattr(module, "scaled_dot_product_attention"):
+        return False
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def fork_cache(cache, G: int) -> None:
+    """Repeat every row of each layer's cache ``G`` times in place (``[1, ...] -> [G, ...]``).
+
+    Works on any mlx-lm cache whose ``state`` holds batch-first arrays (KV, rotating,
+    quantized, arrays/recurrent state) and on ``CacheList`` by recursion.
+    """
+    for c in cache:
+        if isinstance(c, CacheList):
+            fork_cache(c.caches, G)
+            continue
+        c.state = tree_map(
+            lambda x: mx.repeat(x, G, axis=0) if isinstance(x, mx.array) else x, c.state
+        )
+
+
+def _rollout_per_prompt(model, prompts, key, sampling):
+    # One prompt at a time: prefill once (no padding, so no cache type needs masks), fork the
+    # cache into G rows, decode with the model's own cache updates (as mlx_lm.generate).
+    G, T = sampling.group_size, sampling.max_tokens
+    first = _compiled_first(sampling)
+    toks, lps = [], []
+    for prompt, k in zip(prompts, mx.random.split(key, len(prompts)), strict=True):
+        cache = make_prompt_cache(model)
+        ids = mx.array(prompt, dtype=mx.int32)[None]
+        n = len(prompt)
+        for start in range(0, n - 1, PREFILL_CHUNK):
+            model(ids[:, start : min(start + PREFILL_CHUNK, n - 1)], cache=cache)
+            mx.eval([c.state for c in cache])
+        logits = model(ids[:, n - 1 :], cache=cache)[:, -1, :]
+        fork_cache(cache, G)
+        state = _row_state([prompt], sampling, logits.shape[-1])
+        step_keys = mx.random.split(k, T)
+        rows_t, rows_lp = [], []
+        for t in range(T):
+            if t:
+                logits = model(state.tokens[:, None], cache=cache)[:, -1, :]
+            state, lp = first(mx.broadcast_to(logits, (G, logits.shape[-1])), state, step_keys[t])
+            rows_t.append(state.tokens)
+            rows_lp.append(lp)
+            mx.eval(state, lp, [c.state for c in cache])
+            if t % CHECK_EVERY == 0 and (sampling.eos_ids or sampling.stop_sequences):
+                if bool(np.array(state.ended).all()):
+                    break
+        toks.append(mx.stack(rows_t, 1))
+        lps.append(mx.stack(rows_lp, 1))
+    steps = max(x.shape[1] for x in toks)
+    pad = lambda x: mx.pad(x, [(0, 0), (0, steps - x.shape[1])])  # noqa: E731
+    return mx.concatenate([pad(x) for x in toks]), mx.concatenate([pad(x) for x in lps])
+
+
+def _row_state(prompts, sampling, V) -> DecodeState:
+    # The sampling state alone (no KV arrays): the per-prompt path keeps mlx-lm's caches.
+    G = sampling.group_size
+    N = len(prompts) * G
+    S = max([len(s) for s in sampling.stop_sequences] + [1])
+    penalty = sampling.repetition_penalty != 1.0
+    return DecodeState(
+        tokens=mx.zeros((N,), mx.int32),
+        keys=[],
+        values=[],
+        prefix_keys=[],
+        prefix_values=[],
+        left_padding=mx.zeros((N,), mx.int32),
+        seen=_seen_tokens(prompts, G, V) if penalty else mx.zeros((1, 1), mx.bool_),
+        recent=mx.full((N, S), -1, mx.int32),
+        ended=mx.zeros((N,), mx.bool_),
+    )
 
 
 def _check_prompts(prompts, model) -> list[int]:
@@ -144,12 +234,26 @@ def _check_prompts(prompts, model) -> list[int]:
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise ValueError(f"prompts must all be non-empty, got lengths {lengths}")
-    vocab = model.args.vocab_size if hasattr(model, "args") else None
+    vocab = vocab_size(model)
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= int(t) < (vocab or 2**31)]
         if bad:
             raise ValueError(f"prompts[{i}] holds token ids outside [0, {vocab}): {bad[:5]}")
     return lengths
+
+
+def vocab_size(model) -> int | None:
+    """The model's vocabulary from its args (top level or a nested ``text_config``)."""
+    args = getattr(model, "args", None)
+    for where in (args, getattr(args, "text_config", None)):
+        v = (
+            where.get("vocab_size")
+            if isinstance(where, dict)
+            else getattr(where, "vocab_size", None)
+        )
+        if isinstance(v, int):
+            return v
+    return None
 
 
 @contextlib.contextmanager
@@ -176,11 +280,7 @@ def _prefill(model, prompts, lengths):
         [[0] * pad + list(p) for pad, p in zip(left, prompts, strict=True)], dtype=mx.int32
     )
     cache = []
-    for c in make_prompt_cache(model):
-        if type(c) is not KVCache:
-            raise ValueError(
-                f"rollout needs a model whose cache is KVCache per layer, got {type(c).__name__}"
-            )
+    for _ in make_prompt_cache(model):
         cache.append(BatchKVCache(left))
     # Chunks bound activation memory; only the cache is evaluated, so the lm_head never
     # runs on prompt positions (lazy graph), and the last token alone yields logits.
@@ -357,8 +457,11 @@ def _initial_state(cache, prompts, sampling, V, *, shared: bool) -> DecodeState:
     prefix_k = [c.keys[..., :P, :] for c in cache]
     prefix_v = [c.values[..., :P, :] for c in cache]
     if shared:
-        empty = [mx.zeros((len(rows), *k.shape[1:2], 0, k.shape[3]), k.dtype) for k in prefix_k]
-        keys, values = empty, list(empty)
+
+        def empty(x):  # keys and values may differ in head size (latent attention)
+            return mx.zeros((len(rows), x.shape[1], 0, x.shape[3]), x.dtype)
+
+        keys, values = [empty(k) for k in prefix_k], [empty(v) for v in prefix_v]
     else:
         keys, values = [k[rows] for k in prefix_k], [v[rows] for v in prefix_v]
         prefix_k, prefix_v = [], []
@@ -461,7 +564,9 @@ def _decode(model, cache, logits, key, prompts, sampling):
     """Sample up to ``max_tokens`` tokens for all ``N`` rows (ids, log-probs ``[N, T]``)."""
     G, T = sampling.group_size, sampling.max_tokens
     rows = mx.repeat(mx.arange(len(prompts)), G)
-    state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=shares_prefix(model))
+    from grpo.core.shared_prompt import prefix_ok  # (it imports this module)
+
+    state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=prefix_ok(model))
     step_keys = mx.random.split(key, T)
     state, lp = _compiled_first(sampling)(logits[rows], state, step_keys[0])
     out = _Segments(len(prompts) * G)

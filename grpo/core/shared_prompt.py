@@ -22,9 +22,13 @@ forward otherwise.
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from grpo.core.lm import split_ok, trunk
 from grpo.core.rollout import shares_prefix
 
 
@@ -38,7 +42,8 @@ class PromptRecorder(KVCache):
         return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        return "causal"
+        # Some attentions (multi-head latent) need the mask as an array to add scores to.
+        return create_causal_mask(N) if return_array else "causal"
 
 
 class SharedPromptCache(KVCache):
@@ -69,23 +74,78 @@ class SharedPromptCache(KVCache):
         return mx.arange(L)[None, :] <= mx.arange(L)[:, None]
 
 
+_VERDICT: dict[int, bool] = {}  # id(model) -> shared prompts verified equal to packed rows
+
+
+def _structurally_shareable(model) -> bool:
+    # Attention that reads prefix caches, and a plain KVCache per layer (no sliding window,
+    # SSM or other state a prompt pass would have to hand over).
+    return shares_prefix(model) and all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def check_prefix_sharing(model, *, atol: float = 1e-4) -> bool:
+    """True when :func:`shared_prompt_hidden` equals the packed trunk on a tiny batch.
+
+    Some attention variants pass data through the mask (multi-head latent attention adds
+    its RoPE scores there), which a prefix cache cannot carry; they fail here and keep
+    the packed forward and a per-row decode cache. Evaluates eagerly and records the
+    verdict, which :func:`prefix_ok` (the training forward and the rollout) reads.
+    """
+    ok = _structurally_shareable(model) and split_ok(model)
+    if ok:
+        was_training = model.training
+        model.eval()
+        try:
+            ids = mx.array([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 8, 9, 10]], dtype=mx.int32)
+            start = mx.array([4, 4], dtype=mx.int32)
+            try:
+                shared = shared_prompt_hidden(model, ids, start, ids[:, 4:], share=2)
+            except Exception:  # noqa: BLE001  (an attention that cannot take the prefix)
+                shared = None
+            packed = trunk(model)(ids)[:, 3:6]
+            ok = shared is not None and tuple(shared.shape) == tuple(packed.shape)
+            ok = ok and bool(mx.allclose(shared, packed, atol=atol, rtol=0))
+        finally:
+            model.train(was_training)
+    if id(model) not in _VERDICT:
+        weakref.finalize(model, _VERDICT.pop, id(model), None)
+    _VERDICT[id(model)] = ok
+    return ok
+
+
+def prefix_ok(model) -> bool:
+    """The recorded :func:`check_prefix_sharing` verdict; checks now (eagerly) if none.
+
+    Inside a traced function an unchecked model cannot be evaluated and gets False. The
+    verdict holds while grpo's attention is installed in the model's module (it can be
+    switched off and on again, :func:`grpo.io.fast_attention.install_fast_kernels`).
+    """
+    if not shares_prefix(model):
+        return False
+    verdict = _VERDICT.get(id(model))
+    if verdict is not None:
+        return verdict
+    try:
+        return check_prefix_sharing(model)
+    except Exception:  # noqa: BLE001  (eval inside a transformation)
+        return False
+
+
 def can_share(model, N: int, share: int) -> bool:
     """True when blocks of ``share`` rows can run :func:`shared_prompt_hidden` on ``model``:
-    its attention reads prefix caches, its blocks are not checkpointed, and every layer's
-    mlx-lm cache is a plain ``KVCache`` (no sliding window, SSM or other state)."""
+    sharing was verified for it (:func:`prefix_ok`) and its blocks are not checkpointed."""
     if share <= 1 or N % share or not shares_prefix(model):
         return False
-    layers = getattr(getattr(model, "model", None), "layers", [])
-    if any(getattr(layer, "grpo_checkpointed", False) for layer in layers):
+    if any(getattr(layer, "grpo_checkpointed", False) for layer in trunk(model).layers):
         return False
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
+    return prefix_ok(model)
 
 
 def shared_prompt_hidden(model, input_ids, completion_start, completion_ids, *, share: int):
     """Hidden states ``[N, T, D]`` that predict each completion token, prompts run once.
 
     Args:
-        model: an mlx-lm causal LM with its parameters set (``model.model`` is the trunk).
+        model: an mlx-lm causal LM with its parameters set (:func:`grpo.core.lm.trunk`).
         input_ids: ``[N, P + T]`` packed rows (:func:`grpo.core.batch.pack`); rows
             ``j * share .. j * share + share - 1`` hold the same prompt.
         completion_start: ``[N]`` prompt lengths ``l >= 1``.
@@ -97,14 +157,14 @@ def shared_prompt_hidden(model, input_ids, completion_start, completion_ids, *, 
     """
     N, T = completion_ids.shape
     P = input_ids.shape[1] - T
-    trunk = model.model
-    recorders = [PromptRecorder() for _ in trunk.layers]
+    body = trunk(model)
+    recorders = [PromptRecorder() for _ in body.layers]
     # Positions >= l_b of the block's first row are its completion; the causal mask keeps
     # them out of positions < l_b, and SharedPromptCache.prefix_mask out of the others.
-    h_prompt = trunk(input_ids[::share, :P], cache=recorders)  # [B, P, D]
+    h_prompt = body(input_ids[::share, :P], cache=recorders)  # [B, P, D]
     starts = completion_start.astype(mx.int32)
     caches = [SharedPromptCache(r.keys, r.values, starts) for r in recorders]
-    h_completion = trunk(completion_ids, cache=caches)  # [N, T, D]
+    h_completion = body(completion_ids, cache=caches)  # [N, T, D]
     last = mx.take_along_axis(h_prompt, (starts[::share] - 1)[:, None, None], axis=1)
     first = mx.repeat(last, share, axis=0)  # [N, 1, D]: predicts completion token 0
     return mx.concatenate([first, h_completion[:, : T - 1]], axis=1)

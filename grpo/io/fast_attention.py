@@ -200,6 +200,13 @@ def _wrap(original, block: int | None):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         # Prefix caches come only from rollout / shared_prompt, after shares_prefix() said yes.
         if hasattr(cache, "prefix_keys"):
+            if mask is not None and not isinstance(mask, str):
+                # The prefix attention builds its own masks; an array here carries scores
+                # (e.g. latent attention's RoPE part) it would silently drop.
+                raise ValueError(
+                    "prefix_attention: the model passes an array mask, which a shared "
+                    "prefix cache cannot carry"
+                )
             return prefix_attention(queries, keys, values, cache, scale=scale, block=block)
         if sinks is not None or hasattr(cache, "bits") or not fastmath.on_cpu():
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)

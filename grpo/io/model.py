@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -54,8 +56,31 @@ def load_model(path_or_repo: str, *, trust_remote_code: bool = False):
     import mlx_lm
 
     tokenizer_config = {"trust_remote_code": True} if trust_remote_code else None
-    model, tokenizer = mlx_lm.load(str(path_or_repo), tokenizer_config=tokenizer_config)
+    model, tokenizer = mlx_lm.load(
+        str(path_or_repo), tokenizer_config=tokenizer_config, trust_remote_code=trust_remote_code
+    )
     install_fast_kernels(model)
+    return model, tokenizer
+
+
+def load_trained(base: str, adapter_path: str, *, trust_remote_code: bool = False):
+    """``(model, tokenizer)``: ``base`` with the adapters a run saved, as it was trained.
+
+    Same as ``mlx_lm.load(base, adapter_path=adapter_path)``, except that adapters trained
+    on a base quantized in memory (QLoRA with ``quantize_bits``; their
+    ``adapter_config.json`` records ``quantization``) get that base quantized identically
+    first, so the logits are those of the trained model, not of the float base plus
+    adapters that never saw it.
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    config = json.loads((Path(adapter_path) / "adapter_config.json").read_text())
+    model, tokenizer = load_model(base, trust_remote_code=trust_remote_code)
+    q = config.get("quantization")
+    if q is not None and not is_quantized(model):
+        quantize(model, bits=q["bits"], group_size=q["group_size"])
+    load_adapters(model, str(adapter_path))
+    model.eval()
     return model, tokenizer
 
 
@@ -151,6 +176,107 @@ def add_lora(model: nn.Module, adapter_config: dict, *, key: mx.array) -> Any:
     return adapters
 
 
+def lora_layers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """``(block index, path inside the block, module)`` of every mlx-lm LoRA/DoRA layer."""
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    kinds = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+    return [
+        (i, path, m)
+        for i, layer in enumerate(model.layers)
+        for path, m in layer.named_modules()
+        if isinstance(m, kinds)
+    ]
+
+
+def existing_adapter_config(model: nn.Module, adapter_path=None) -> dict:
+    """The adapter config of a model that already carries LoRA layers.
+
+    ``adapter_path``'s ``adapter_config.json`` when given (what mlx-lm loaded), else read
+    off the layers: rank, scale, dropout, the block-relative keys and how many final
+    blocks carry adapters.
+    """
+    if adapter_path is not None:
+        return json.loads((Path(adapter_path) / "adapter_config.json").read_text())
+    found = lora_layers(model)
+    first = found[0][2]
+    rank = first.lora_b.shape[-1] if first.lora_b.ndim == 3 else first.lora_a.shape[-1]
+    params = {
+        "rank": int(rank),
+        "scale": float(first.scale),
+        "dropout": float(getattr(first.dropout, "p", 0.0) if hasattr(first, "dropout") else 0.0),
+        "keys": sorted({path for _, path, _ in found}),
+    }
+    num_layers = len(model.layers) - min(i for i, _, _ in found)
+    return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+
+
+def _continue_lora(model: nn.Module, cfg: Any, base: str | None) -> Policy:
+    # The model already carries adapters (loaded with adapter_path): they are what trains;
+    # inserting LoRA again would nest a second adapter mlx-lm cannot load.
+    model.freeze()
+    model.unfreeze(keys=list(ADAPTER_LEAVES), strict=False)
+    adapters = model.trainable_parameters()
+    adapter_config = dict(existing_adapter_config(model, cfg.adapter_path))
+    if adapter_config.get("fine_tune_type", "lora") != "lora":
+        raise ValueError(
+            f"adapter_path={cfg.adapter_path!r} holds fine_tune_type="
+            f"{adapter_config['fine_tune_type']!r}; only LoRA adapters can be continued"
+        )
+    if base is not None:
+        adapter_config["model"] = str(base)
+    if cfg.quantize_bits is not None:
+        adapter_config["quantization"] = {
+            "bits": cfg.quantize_bits,
+            "group_size": cfg.quantize_group_size,
+        }
+    ref = lora_reference_params(adapters) if cfg.beta > 0 else None
+    return Policy(model, adapters, ref, "lora", adapter_config)
+
+
+def model_type(model: nn.Module) -> str:
+    """The mlx-lm ``model_type`` (from the model's args), else its module name."""
+    t = getattr(getattr(model, "args", None), "model_type", None)
+    return str(t) if t else type(model).__module__.rsplit(".", 1)[-1]
+
+
+def check_supported(model: nn.Module, cfg: Any) -> None:
+    """Refuse, naming the model type, what GRPO cannot train on this model.
+
+    Also verifies (and records) whether the chunked-head training forward reproduces the
+    model's own logits (:func:`grpo.core.lm.check_split`) and whether prompts can be
+    shared (:func:`grpo.core.shared_prompt.check_prefix_sharing`); when they cannot, the
+    model's own full forward / the packed rows are used, never an approximation.
+    """
+    from grpo.core.lm import check_split
+    from grpo.core.shared_prompt import check_prefix_sharing
+
+    name = model_type(model)
+    if getattr(cfg, "router_aux_loss_coef", 0.0):
+        raise ValueError(
+            f"router_aux_loss_coef={cfg.router_aux_loss_coef}: model_type {name!r} (like every "
+            "mlx-lm model) does not expose its router logits, so there is no load-balancing "
+            "loss to add; set router_aux_loss_coef=0"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(mx.array([[1, 2, 3]], dtype=mx.int32))
+    except Exception as e:
+        raise ValueError(f"model_type {name!r} is not supported: its forward failed ({e})") from e
+    finally:
+        model.train(was_training)
+    if not isinstance(out, mx.array) or out.ndim != 3 or out.shape[:2] != (1, 3):
+        got = tuple(out.shape) if isinstance(out, mx.array) else type(out).__name__
+        raise ValueError(
+            f"model_type {name!r} is not supported: model(ids [1, 3]) must return logits "
+            f"[1, 3, V], got {got}"
+        )
+    check_split(model)
+    check_prefix_sharing(model)
+
+
 def frozen_copy(params: Any) -> Any:
     """An evaluated copy of ``params`` that no optimizer update can reach."""
     copy = tree_map(lambda x: mx.array(x), params)
@@ -213,6 +339,19 @@ def prepare_policy(model: nn.Module, cfg: Any, *, key: mx.array, base: str | Non
     install_fast_kernels(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    adapter_path = getattr(cfg, "adapter_path", None)
+    if adapter_path is not None and not cfg.use_lora:
+        raise ValueError(
+            f"adapter_path={adapter_path!r} with use_lora=False: fuse the adapters into the "
+            "model first (mlx_lm.fuse) to fine-tune every weight"
+        )
+    if adapter_path is not None and not lora_layers(model):
+        from mlx_lm.tuner.utils import load_adapters
+
+        load_adapters(model, str(adapter_path))
+    check_supported(model, cfg)
+    if cfg.use_lora and lora_layers(model):
+        return _continue_lora(model, cfg, base)
     if not cfg.use_lora:
         if is_quantized(model):
             raise ValueError(

@@ -1,0 +1,165 @@
+"""A causal LM split into its trunk and its head, so logits are formed only where needed.
+
+.. math:: \\text{logits} = \\text{head}(\\text{trunk}(x))
+
+The training forward needs logits at the completion positions only, so it runs the trunk
+(``model.model``, ``model.backbone``, ``model.language_model.model``, ...) on the whole
+row and the head on the gathered hidden states. The head is *the model's own*
+``__call__`` with the trunk's output substituted for the trunk call: whatever the
+architecture does after its last hidden state (tied or untied output matrix, logit
+scaling, soft-capping, multipliers) runs as the model wrote it, never a re-implementation.
+
+The split is trusted only after :func:`check_split` has compared ``head(trunk(x))`` with
+``model(x)`` on a few tokens; a model that fails (or one whose trunk is not found) is
+scored through its own full ``__call__`` instead (:func:`completion_logits`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import mlx.core as mx
+
+# Attribute paths, from the model, of the module that maps token ids to last hidden states.
+TRUNK_PATHS = (("model",), ("backbone",), ("language_model", "model"), ("transformer",))
+CHECK_TOKENS = 8  # tokens of the construction-time equivalence check
+CHECK_ATOL = 1e-4  # float32 logits of the split and the full forward agree to rounding
+
+_VERDICT: dict[int, bool] = {}  # id(model) -> split verified equal to the full forward
+
+
+def trunk_path(model) -> tuple[str, ...] | None:
+    """The attribute path of ``model``'s trunk (a callable submodule with ``layers``)."""
+    for path in TRUNK_PATHS:
+        m = model
+        for name in path:
+            m = getattr(m, name, None) if _has(m, name) else None
+        if m is not None and callable(m) and hasattr(m, "layers"):
+            return path
+    return None
+
+
+def _has(module, name: str) -> bool:
+    try:
+        return name in module or name in vars(module)
+    except TypeError:
+        return False
+
+
+def trunk(model):
+    """``model``'s trunk module (raises ``ValueError`` when there is none)."""
+    path = trunk_path(model)
+    if path is None:
+        raise ValueError(
+            f"{type(model).__module__}: no trunk found at any of "
+            f"{['.'.join(p) for p in TRUNK_PATHS]}"
+        )
+    m = model
+    for name in path:
+        m = getattr(m, name)
+    return m
+
+
+class _Output:
+    """Stands in for the trunk inside the model's ``__call__``: returns the given hidden
+    states; every attribute (``embed_tokens``, ``args``, ...) is the real trunk's."""
+
+    def __init__(self, module, hidden):
+        self._module, self._hidden = module, hidden
+
+    def __call__(self, *args, **kwargs):
+        return self._hidden
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+class _Parent:
+    """A module seen with one child replaced; calling it runs the module's own ``__call__``."""
+
+    def __init__(self, module, name, child):
+        self._module, self._name, self._child = module, name, child
+
+    def __call__(self, *args, **kwargs):
+        return type(self._module).__call__(self, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return self._child if name == self._name else getattr(self._module, name)
+
+
+def head(model, hidden: mx.array) -> mx.array:
+    """Logits ``[..., T, V]`` from last hidden states ``[..., T, D]``, by ``model``'s own code.
+
+    Runs ``type(model).__call__`` with the trunk replaced by ``hidden``; only meaningful
+    once :func:`check_split` has said the split reproduces the model.
+    """
+    path = trunk_path(model)
+    modules = [model]
+    for name in path:
+        modules.append(getattr(modules[-1], name))
+    stand_in = _Output(modules[-1], hidden)
+    for module, name in zip(reversed(modules[:-1]), reversed(path), strict=True):
+        stand_in = _Parent(module, name, stand_in)
+    dummy = mx.zeros(hidden.shape[:-1], dtype=mx.int32)
+    return stand_in(dummy)
+
+
+def check_split(model, *, atol: float = CHECK_ATOL) -> bool:
+    """True when ``head(trunk(x))`` equals ``model(x)`` on :data:`CHECK_TOKENS` tokens.
+
+    Evaluates eagerly (call it outside ``mx.compile``), in eval mode, and records the
+    verdict for :func:`split_ok`. A trunk that is missing, raises, or disagrees gives False.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        x = mx.arange(1, CHECK_TOKENS + 1, dtype=mx.int32)[None, :]
+        full = model(x).astype(mx.float32)
+        try:
+            split = head(model, trunk(model)(x)).astype(mx.float32)
+        except Exception:  # noqa: BLE001  (a split that cannot even run is not the model)
+            split = None
+        # Evaluated outside the except: inside mx.compile this raises, and no verdict is kept.
+        ok = split is not None and tuple(split.shape) == tuple(full.shape)
+        ok = ok and bool(mx.allclose(split, full, atol=atol, rtol=0))
+    finally:
+        model.train(was_training)
+    _record(model, ok)
+    return ok
+
+
+def _record(model, ok: bool) -> None:
+    if id(model) not in _VERDICT:
+        weakref.finalize(model, _VERDICT.pop, id(model), None)
+    _VERDICT[id(model)] = ok
+
+
+def split_ok(model) -> bool:
+    """The recorded :func:`check_split` verdict; checks now if there is none (eagerly).
+
+    Inside a traced function (``mx.compile``, ``value_and_grad``) a model never checked
+    cannot be evaluated, so it is scored by its full forward for that trace.
+    """
+    verdict = _VERDICT.get(id(model))
+    if verdict is not None:
+        return verdict
+    try:
+        return check_split(model)
+    except Exception:  # noqa: BLE001  (eval inside a transformation)
+        return False
+
+
+def completion_logits(model, input_ids: mx.array, positions: mx.array, hidden_fn=None):
+    """Logits ``[N, T, V]`` at ``positions`` ``[N, T]`` of the rows ``input_ids`` ``[N, L]``.
+
+    With a verified split the head runs on ``[N, T, D]`` hidden states only (from
+    ``hidden_fn()`` when given, else the trunk at ``positions``); otherwise the model's own
+    full forward runs and its ``[N, L, V]`` logits are gathered at ``positions``.
+    """
+    if split_ok(model):
+        if hidden_fn is not None:
+            return head(model, hidden_fn())
+        h = trunk(model)(input_ids)
+        return head(model, mx.take_along_axis(h, positions[..., None], axis=1))
+    logits = model(input_ids)
+    return mx.take_along_axis(logits, positions[..., None], axis=1)
