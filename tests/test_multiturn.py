@@ -9,52 +9,13 @@ import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_map_with_path
+from scripted import Scripted
 
 from grpo.core.multiturn import multiturn_rollout
-from grpo.core.rollout import Rollout, completion_mask, end_flags, rollout
+from grpo.core.rollout import rollout
 from grpo.core.sampling import SamplingConfig
 
 EOS = 2
-
-
-class Scripted:
-    """A Sampler that returns scripted completions and records every call's prompts.
-
-    ``script`` is a list of calls; each call is a list of completions (one per returned row,
-    ``len(prompts) * group_size`` of them). Log-probs are ``-(t + 1) / 10 - call`` so every
-    sampled token is identifiable.
-    """
-
-    def __init__(self, script):
-        self.script, self.calls = list(script), []
-
-    def __call__(self, params, key, prompts, *, model, sampling):
-        call = len(self.calls)
-        self.calls.append(([list(p) for p in prompts], sampling))
-        rows = self.script[call]
-        G = sampling.group_size
-        assert len(rows) == len(prompts) * G
-        T = max(len(r) for r in rows)
-        ids = mx.array([r + [0] * (T - len(r)) for r in rows], dtype=mx.int32)
-        ends = end_flags(ids, eos_ids=sampling.eos_ids) & (
-            mx.arange(T)[None] < mx.array([len(r) for r in rows])[:, None]
-        )
-        mask = completion_mask(ends) * (
-            mx.arange(T)[None] < mx.array([len(r) for r in rows])[:, None]
-        )
-        lps = mx.array([[-(t + 1) / 10 - call for t in range(T)] for _ in rows]) * mask
-        P = max(len(p) for p in prompts)
-        prompt_ids = mx.array([list(p) + [0] * (P - len(p)) for p in prompts])
-        idx = mx.repeat(mx.arange(len(prompts)), G)
-        return Rollout(
-            prompt_ids=prompt_ids[idx],
-            prompt_lengths=mx.array([len(p) for p in prompts])[idx],
-            completion_ids=ids * mask.astype(mx.int32),
-            logprobs=lps,
-            completion_mask=mask,
-            is_truncated=~mx.any(ends, axis=-1),
-            completion_lengths=mask.sum(-1).astype(mx.int32),
-        )
 
 
 def _run(script, respond, *, prompts=((5, 6, 7),), G=2, max_tokens=32, **kw):
