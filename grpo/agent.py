@@ -101,6 +101,7 @@ class ToolLoop:
         self.format = format or detect_format(template)
         self.max_iterations = max_iterations
         self.template_kwargs = dict(template_kwargs or {})
+        self.sampler = rollout  # what samples each turn (any grpo.core.rollout.Sampler)
         eos = getattr(self.hf, "eos_token_id", None)
         self.eos_id = eos if isinstance(eos, int) else None
 
@@ -208,7 +209,7 @@ class ToolLoop:
         *,
         model,
         sampling,
-        sampler=rollout,
+        sampler=None,
     ) -> AgentRollout:
         """Multi-turn completions of ``prompts`` (``B`` prompts, ``G = sampling.group_size``
         rows each; ``tools_per_row`` has ``B * G`` entries)."""
@@ -226,7 +227,7 @@ class ToolLoop:
             sampling=sampling,
             respond=self.respond_fn(tools_per_row, completions, stats),
             max_turns=max_turns,
-            sampler=sampler,
+            sampler=sampler or self.sampler,
         )
         metrics = stats.metrics(N, np.array(out.num_turns))
         return AgentRollout(out.rollout, out.tool_mask, completions, metrics)

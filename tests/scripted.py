@@ -43,3 +43,18 @@ class Scripted:
             is_truncated=~mx.any(ends, axis=-1),
             completion_lengths=mask.sum(-1).astype(mx.int32),
         )
+
+
+class ByContext:
+    """A Sampler whose completion of each row is ``fn(context_ids, g)`` (``g``: the row's
+    index in its group), so a scripted policy can answer tool results over many steps."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, params, key, prompts, *, model, sampling):
+        G = sampling.group_size
+        rows = [[self.fn(list(p), g) for g in range(G)] for p in prompts]
+        return Scripted([[r for group in rows for r in group]])(
+            params, key, prompts, model=model, sampling=sampling
+        )

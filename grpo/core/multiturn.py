@@ -106,7 +106,7 @@ def multiturn_rollout(
     sampling: SamplingConfig,
     respond: Respond,
     max_turns: int | None = None,
-    sampler: Sampler = rollout,
+    sampler: Sampler | None = None,
 ) -> MultiTurnRollout:
     """Sample ``G`` multi-turn completions per prompt, appending what ``respond`` returns.
 
@@ -127,13 +127,14 @@ def multiturn_rollout(
             turn starts) or ``None`` to end the row.
         max_turns: Most model turns per row (``None``: until ``respond`` ends the row or the
             budget is spent).
-        sampler: What samples each turn (``rollout`` or any :class:`Sampler`).
+        sampler: What samples each turn (any :class:`Sampler`; ``None``: ``rollout``).
 
     Returns:
         :class:`MultiTurnRollout` with ``N = B * G`` rows.
     """
     if max_turns is not None and max_turns < 1:
         raise ValueError(f"max_turns must be >= 1 or None, got {max_turns}")
+    sampler = rollout if sampler is None else sampler
     G, budget = sampling.group_size, sampling.max_tokens
     key, sub = mx.random.split(key)
     first = sampler(params, sub, prompts, model=model, sampling=sampling)
