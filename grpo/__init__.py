@@ -24,6 +24,7 @@ _EXPORTS = {
     "grpo.core.batch": ["LossBatch", "pack"],
     "grpo.core.sampling": ["SamplingConfig"],
     "grpo.core.rollout": ["rollout", "Rollout", "Sampler"],
+    "grpo.core.multiturn": ["multiturn_rollout", "MultiTurnRollout", "Turn"],
     "grpo.core.score": [
         "score", "Scores", "RewardContext", "RewardError", "check_reward_fns", "reward_weights",
         "reward_metrics",
@@ -38,6 +39,12 @@ _EXPORTS = {
         "resolve_reward_funcs", "register_reward", "REWARD_FUNCS", "answer_match", "think_format",
         "length_penalty",
     ],
+    "grpo.tools": [
+        "tool_schema", "parse_tool_calls", "run_tool_calls", "detect_format", "ToolCall",
+        "MalformedCall", "ToolResult",
+    ],
+    "grpo.agent": ["ToolLoop", "AgentRollout"],
+    "grpo.environments": ["Environments"],
     "grpo.io.data": [
         "load_prompts", "PromptSampler", "PromptBatch", "PromptEncoder", "PromptTooLongError",
         "render_prompt", "encode_prompt", "stop_token_sequences", "decode_completions",

@@ -95,6 +95,8 @@ FIELD_HELP: dict[str, str] = {
     "top_k": "Keep the k most likely tokens (0 = off).",
     "min_p": "Drop tokens below `min_p` times the top probability (`None` = off).",
     "repetition_penalty": "CTRL repetition penalty over prompt and completion (1.0 = off).",
+    "max_tool_calling_iterations": "Most rounds of tool calls per completion (`None`: until the budget is spent).",
+    "tool_call_format": "Tool-call format: hermes, llama3 or mistral (`None`: detected from the chat template).",
     "beta": "KL coefficient against the reference model (0 = no reference, no KL term).",
     "num_iterations": "Passes over each generation batch (`mu` in the GRPO paper).",
     "epsilon": "Lower clip of the importance ratio, `1 - epsilon`.",

@@ -210,6 +210,8 @@ class GRPOConfig:
     top_k: int = 0
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    max_tool_calling_iterations: int | None = None
+    tool_call_format: str | None = None
 
     # -- loss ----------------------------------------------------------------------------
     beta: float = 0.0
@@ -658,6 +660,13 @@ def _check_generation(cfg: GRPOConfig, errors: _Errors):
     )
     if cfg.pad_to_multiple_of is not None:
         _positive_int(errors, cfg, "pad_to_multiple_of")
+    if cfg.max_tool_calling_iterations is not None:
+        _positive_int(errors, cfg, "max_tool_calling_iterations", minimum=0)
+    errors.check(
+        cfg.tool_call_format in (None, "hermes", "llama3", "mistral"),
+        "tool_call_format must be None (detect it from the chat template), 'hermes', 'llama3' "
+        f"or 'mistral', got tool_call_format={cfg.tool_call_format!r}",
+    )
 
 
 def _one_of(errors: _Errors, cfg: GRPOConfig, name: str, allowed: tuple):

@@ -29,6 +29,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from grpo import agentic
 from grpo.config import GRPOConfig
 from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
@@ -46,7 +47,6 @@ from grpo.core.score import (
     RewardContext,
     check_reward_fns,
     reward_metrics,
-    reward_weights,
     score,
 )
 from grpo.core.state import TrainState, init_state
@@ -75,7 +75,6 @@ from grpo.io.dist import (
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
 from grpo.io.signals import InterruptGuard, TrainingInterrupted
-from grpo.rewards import resolve_reward_funcs
 
 # Data parallelism under mlx.launch (docs/distributed.md) is supported (make_advantages takes
 # the group); tests/test_distributed.py reads this flag.
@@ -131,8 +130,9 @@ def _windows(batch: LossBatch, *, micro: int, K: int) -> list[LossBatch]:
     ]
 
 
-def _completion_metrics(roll: Rollout) -> dict[str, float]:
-    lengths = np.array(roll.completion_lengths)
+def _completion_metrics(roll: Rollout, tool_mask: mx.array | None = None) -> dict[str, float]:
+    # With tools, lengths count only the tokens the model sampled (TRL).
+    lengths = np.array(roll.completion_lengths if tool_mask is None else tool_mask.sum(-1))
     truncated = np.array(roll.is_truncated)
     terminated = lengths[~truncated]
     out = {
@@ -168,7 +168,7 @@ class GRPOTrainer:
         model: an mlx-lm model, or a local path / hub id loaded with ``mlx_lm.load``.
         reward_funcs: a reward callable (TRL signature ``f(prompts, completions,
             completion_ids, **columns) -> list[float | None]``), a built-in name, or a list
-            of these.
+            of these; may be ``None`` when an environment's ``get_reward`` scores the rows.
         args: a :class:`GRPOConfig` (default ``GRPOConfig()``).
         train_dataset: a ``datasets.Dataset``, list of dicts, file or hub id with a
             ``prompt`` column (text or chat messages); other columns reach the rewards.
@@ -180,6 +180,15 @@ class GRPOTrainer:
             ``on_save(trainer, path)``, ``on_evaluate(trainer, metrics)``,
             ``on_train_end(trainer)`` (not transformers ``TrainerCallback`` objects). Setting
             ``trainer.should_stop = True`` ends training at the next generation boundary.
+        tools: callables (sync or async, with type hints and a docstring) the model may call
+            during generation; rendered by the chat template, parsed, run, and their results
+            appended with ``tool_mask = 0`` (never trained on). See docs/tools.md.
+        rollout_func: ``rollout_func(prompts, trainer) -> dict`` replacing the built-in
+            generation (keys ``prompt_ids``, ``completion_ids``, ``logprobs``; optional
+            ``tool_mask`` / ``env_mask``; other keys reach the rewards). See :mod:`grpo.agentic`.
+        environment_factory: an environment class (or ``{name: class}`` chosen by an
+            ``environment`` column): one instance per rollout row, ``reset(**row)``, public
+            methods as tools, optional ``get_reward()``. See :mod:`grpo.environments`.
         group: ``mx.distributed`` group for data parallelism; ``"auto"`` (default) joins the
             job ``mlx.launch`` started (:func:`grpo.io.dist.init_distributed`), ``None``
             forces one process. Each rank samples its own prompt shard with its own fold of
@@ -190,26 +199,31 @@ class GRPOTrainer:
     def __init__(
         self,
         model: Any,
-        reward_funcs: Any,
+        reward_funcs: Any = None,
         args: GRPOConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
         callbacks: Sequence[Any] | None = None,
         *,
+        tools: Sequence[Any] | None = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
         group: Any = "auto",
     ):
         self.args = args = GRPOConfig() if args is None else args
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
-        if train_dataset is None:
-            raise ValueError("train_dataset is required")
         # Everything checkable without the model is checked before loading it.
         self._check_output_dir()
-        self.reward_funcs = resolve_reward_funcs(reward_funcs)
-        self.reward_weights = reward_weights(args.reward_weights, len(self.reward_funcs))
+        self._setup_agent(reward_funcs, tools, rollout_func, environment_factory)
+        train_dataset = agentic.placeholder_dataset(self, train_dataset)
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
         self.train_dataset = load_prompts(train_dataset)
-        check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
+        if self.rollout_func is None:  # a rollout_func may add the columns rewards read
+            columns = column_names(self.train_dataset) or []
+            check_reward_fns(self.reward_funcs, columns + agentic.extra_columns(self))
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
         if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
             raise ValueError(
@@ -221,6 +235,7 @@ class GRPOTrainer:
         self._join(group)
         self.encoder = self._make_encoder()
         self._check_prompts()
+        self._tool_loop = agentic.make_tool_loop(self)
         self.sampler = self._make_sampler()
         self._init_training()
         self.num_tokens = 0
@@ -250,6 +265,10 @@ class GRPOTrainer:
         if self.args.compute_dtype is not None:
             model.set_dtype(getattr(mx, self.args.compute_dtype))
         return model
+
+    def _setup_agent(self, reward_funcs, tools, rollout_func, environment_factory) -> None:
+        """Tools, environments and rollout_func (TRL's agentic arguments); see grpo.agentic."""
+        agentic.setup(self, reward_funcs, tools, rollout_func, environment_factory)
 
     def _join(self, group: Any) -> None:
         self.group = init_distributed() if group == "auto" else group
@@ -419,8 +438,10 @@ class GRPOTrainer:
             completion_mask=_pad_right(roll.completion_mask, T, 0.0),
         )
 
-    def _score(self, prompts, roll, columns, *, step: int):
+    def _score(self, prompts, roll, columns, *, step: int, completions=None):
         completion_ids, texts = self._decode(roll)
+        if completions is not None:
+            texts = completions
         context = RewardContext(
             global_step=step,
             epoch=float(self.sampler.epoch),
@@ -438,7 +459,7 @@ class GRPOTrainer:
         per_func = np.array(scores.rewards_per_func)
         table = (
             list(prompts),
-            texts,
+            [agentic.display(t) for t in texts],
             {n: per_func[:, f].tolist() for f, n in enumerate(scores.names)},
             np.array(adv.advantages).tolist(),
         )
@@ -457,8 +478,19 @@ class GRPOTrainer:
         self.model.update(self.state.params)  # drop the trace's placeholders from the model
         return out
 
-    def _loss_batch(self, roll: Rollout, advantages: mx.array) -> LossBatch:
+    def _loss_batch(
+        self,
+        roll: Rollout,
+        advantages: mx.array,
+        *,
+        tool_mask: mx.array | None = None,
+        sampled_logprobs: bool = True,
+    ) -> LossBatch:
         mask = roll.completion_mask
+        if tool_mask is not None:
+            # Tokens the model did not sample (tool results, template glue) never train,
+            # neither in the surrogate nor in the KL.
+            mask = mask * tool_mask
         if self.args.mask_truncated_completions:
             # DAPO: truncated completions carry no signal about the answer; drop them.
             mask = mask * (~roll.is_truncated)[:, None].astype(mask.dtype)
@@ -476,7 +508,7 @@ class GRPOTrainer:
         if self.args.optimizer_steps_per_generation > 1:
             old = (
                 roll.logprobs
-                if _temperature_only(self.args)
+                if _temperature_only(self.args) and sampled_logprobs
                 else self._per_micro(self._logprobs, self.state.params, batch)
             )
             batch = batch._replace(old_logprobs=old)
@@ -485,17 +517,42 @@ class GRPOTrainer:
     def _generate(self, key: mx.array) -> Generation:
         prompts = next(self.sampler)
         key = D.rank_key(key, rank=self.rank)
-        roll = rollout(
-            self.state.params, key, prompts.prompt_ids, model=self.model, sampling=self.sampling
-        )
+        self.generation_key = key  # what a rollout_func samples with, for reproducible runs
+        if self.rollout_func is not None or self._tool_loop is not None:
+            out = agentic.generate(self, prompts, key)
+            roll, tool_mask, prompt_list, columns = (
+                out.rollout,
+                out.tool_mask,
+                out.prompts,
+                out.columns,
+            )
+        else:
+            roll = rollout(
+                self.state.params, key, prompts.prompt_ids, model=self.model, sampling=self.sampling
+            )
+            out, tool_mask, prompt_list, columns = None, None, prompts.prompts, prompts.columns
         adv, metrics, table = self._score(
-            prompts.prompts, roll, prompts.columns, step=self.global_step
+            prompt_list,
+            roll,
+            columns,
+            step=self.global_step,
+            completions=None if out is None else out.completions,
         )
-        metrics.update(_completion_metrics(roll))
+        metrics.update(_completion_metrics(roll, tool_mask))
+        if out is not None:
+            metrics.update(out.metrics)
         metrics = self._all_reduce(metrics)
         roll = self._pad(roll)
-        batch = self._loss_batch(roll, adv.advantages)
-        tokens = int(np.array(roll.prompt_lengths).sum() + np.array(roll.completion_lengths).sum())
+        if tool_mask is not None:
+            tool_mask = _pad_right(tool_mask, roll.completion_ids.shape[1], 0.0)
+        batch = self._loss_batch(
+            roll,
+            adv.advantages,
+            tool_mask=tool_mask,
+            sampled_logprobs=out is None or out.sampled_logprobs,
+        )
+        lengths = roll.completion_lengths if tool_mask is None else tool_mask.sum(-1)
+        tokens = int(np.array(roll.prompt_lengths).sum() + np.array(lengths).sum())
         if D.is_distributed(self.group):
             tokens = int(D.all_sum(mx.array(tokens), group=self.group).item())
         windows = _windows(
@@ -705,6 +762,11 @@ class GRPOTrainer:
         different steps are comparable and the training RNG is untouched.
         """
         dataset = self.eval_dataset if eval_dataset is None else load_prompts(eval_dataset)
+        if self.rollout_func is not None or self._tool_loop is not None:
+            raise NotImplementedError(
+                "evaluate() samples single-turn completions; with tools, environments or a "
+                "rollout_func it is not supported yet"
+            )
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (here or in the constructor)")
         G = self.args.num_generations_eval or self.args.num_generations
