@@ -31,6 +31,7 @@ MODULES = [
     ("grpo.rewards", "Built-in rewards"),
     ("grpo.tasks", "Built-in tasks"),
     ("grpo.config", "Configuration"),
+    ("grpo.errors", "Errors"),
     ("grpo.trainer", "Trainer"),
     ("grpo.io.data", "Data"),
     ("grpo.io.model", "Models"),

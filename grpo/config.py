@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from grpo.errors import ConfigError
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -45,7 +47,7 @@ class _Errors:
 
     def raise_if_any(self):
         if self.items:
-            raise ValueError("Invalid GRPOConfig:\n  - " + "\n  - ".join(self.items))
+            raise ConfigError("Invalid GRPOConfig:\n  - " + "\n  - ".join(self.items))
 
 
 @attrs.frozen(kw_only=True)
@@ -174,7 +176,7 @@ class GRPOConfig:
         try:
             self.to_loss_config()
         except ValueError as e:
-            raise ValueError(f"Invalid GRPOConfig:\n  - {e}") from e
+            raise ConfigError(f"Invalid GRPOConfig:\n  - {e}") from e
 
     # -- resolved batch geometry (TRL fills these in __post_init__; we keep fields as given
     # so attrs.evolve stays valid, and resolve here) ----------------------------------------
@@ -264,7 +266,7 @@ class GRPOConfig:
         names = {f.name for f in attrs.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"GRPOConfig: unknown field(s) {unknown}")
+            raise ConfigError(f"GRPOConfig: unknown field(s) {unknown}")
         return cls(**values)
 
 

@@ -44,6 +44,7 @@ from grpo.core.score import (
 )
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import bucket_length, make_optimizer, make_train_step
+from grpo.errors import CheckpointError, ConfigError, NumericsError
 from grpo.io import checkpoint as ckpt
 from grpo.io.data import (
     PromptEncoder,
@@ -80,7 +81,7 @@ _OPTIONAL_METRICS = (
 )
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(NumericsError):
     """A loss or gradient became NaN/inf; the weights were not updated."""
 
 
@@ -91,7 +92,7 @@ def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
         return tuple(sorted(int(i) for i in ids))
     eos = getattr(_hf_tokenizer(tokenizer), "eos_token_id", None)
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; completions could never end")
+        raise ConfigError("the tokenizer has no eos_token_id; completions could never end")
     return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
 
 
@@ -192,7 +193,7 @@ class GRPOTrainer:
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            raise ConfigError("train_dataset is required")
         # Everything checkable without the model is checked before loading it.
         self._check_output_dir()
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
@@ -222,7 +223,7 @@ class GRPOTrainer:
             )
             return loaded, processing_class or tokenizer, str(model)
         if processing_class is None:
-            raise ValueError(
+            raise ConfigError(
                 "processing_class (the tokenizer) is required when model is an mlx module; "
                 "pass the tokenizer returned by mlx_lm.load, or pass the model path instead"
             )
@@ -300,11 +301,11 @@ class GRPOTrainer:
     def _check_output_dir(self):
         out = Path(self.args.output_dir)
         if out.exists() and not out.is_dir():
-            raise ValueError(f"output_dir={str(out)!r} exists and is a file, not a directory")
+            raise ConfigError(f"output_dir={str(out)!r} exists and is a file, not a directory")
         for parent in out.absolute().parents:
             if parent.exists():
                 if not parent.is_dir():
-                    raise ValueError(
+                    raise ConfigError(
                         f"output_dir={str(out)!r} cannot be created: {str(parent)!r} is a file"
                     )
                 break
@@ -314,7 +315,7 @@ class GRPOTrainer:
             return self.args.max_steps
         per_epoch = self.sampler.steps_per_epoch
         if per_epoch is None:
-            raise ValueError(
+            raise ConfigError(
                 "a streaming train_dataset needs max_steps > 0 (its length is unknown)"
             )
         steps = per_epoch * self.args.num_train_epochs * self.args.optimizer_steps_per_generation
@@ -639,7 +640,7 @@ class GRPOTrainer:
         """
         dataset = self.eval_dataset if eval_dataset is None else load_prompts(eval_dataset)
         if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (here or in the constructor)")
+            raise ConfigError("evaluate() needs an eval_dataset (here or in the constructor)")
         G = self.args.num_generations_eval or self.args.num_generations
         B = max(1, self.args.per_device_eval_batch_size // G)
         sampling = attrs.evolve(self.sampling, group_size=G)
@@ -724,7 +725,7 @@ class GRPOTrainer:
         state, meta = ckpt.load_checkpoint(path, self.state)
         per_rank = meta.get("sampler_per_rank") or [meta["sampler"]]
         if len(per_rank) != self.world_size:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{path} was saved by {len(per_rank)} rank(s); this job has "
                 f"world_size={self.world_size}, so the prompt shards would differ"
             )

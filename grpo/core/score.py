@@ -31,6 +31,7 @@ import numpy as np
 
 from grpo.core.advantages import weighted_rewards
 from grpo.core.numerics import nanmean, nanstd
+from grpo.errors import RewardError
 
 # Names score() supplies itself; any other required parameter must be a dataset column.
 KNOWN_ARGUMENTS = frozenset(
@@ -38,10 +39,6 @@ KNOWN_ARGUMENTS = frozenset(
 )
 # Columns TRL never forwards as kwargs (they are passed as prompts/completions/completion_ids).
 RESERVED_COLUMNS = frozenset({"prompt", "completion", "completion_ids"})
-
-
-class RewardError(ValueError):
-    """A reward function misbehaved: bad output, an exception inside it, or a missing column."""
 
 
 @attrs.frozen

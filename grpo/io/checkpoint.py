@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from grpo.core.state import TrainState
+from grpo.errors import CheckpointError
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,10 +36,6 @@ OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 REQUIRED = (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, TRAINER_STATE)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or unreadable."""
 
 
 def _fsync_file(path: Path) -> None:
