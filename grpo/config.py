@@ -156,6 +156,7 @@ class GRPOConfig:
 
     # -- logging, evaluation, checkpoints ------------------------------------------------
     output_dir: str = "trainer_output"
+    overwrite_output_dir: bool = False
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = None

@@ -46,6 +46,7 @@ from grpo.core.state import TrainState, init_state
 from grpo.core.step import bucket_length, make_optimizer, make_train_step
 from grpo.errors import CheckpointError, ConfigError, NumericsError
 from grpo.io import checkpoint as ckpt
+from grpo.io import faults, runlock, runs
 from grpo.io.data import (
     PromptEncoder,
     PromptSampler,
@@ -67,7 +68,7 @@ from grpo.io.dist import (
 )
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
-from grpo.io.signals import InterruptGuard, TrainingInterrupted
+from grpo.io.signals import InterruptGuard, SignalReceived, TrainingInterrupted
 from grpo.rewards import resolve_reward_funcs
 
 # Data parallelism under mlx.launch (docs/distributed.md) is supported (make_advantages takes
@@ -213,6 +214,10 @@ class GRPOTrainer:
         # A callback may set this; training stops at the next generation-batch boundary
         # (after any checkpoint due there), like transformers' control.should_training_stop.
         self.should_stop = False
+        self.run_id: str | None = None  # set by train(); recorded in every checkpoint
+        self.training_started = False  # train() got past its checks and began step 1
+        self._window: list[dict] = []  # per-step metrics since the last metrics.jsonl record
+        self._hooks: list = []  # test-only callbacks (grpo.io.faults)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -490,7 +495,7 @@ class GRPOTrainer:
         return values
 
     def _callback(self, event: str, *args) -> None:
-        for cb in self.callbacks:
+        for cb in [*self.callbacks, *self._hooks]:
             fn = getattr(cb, event, None)
             if fn is not None:
                 fn(self, *args)
@@ -500,53 +505,83 @@ class GRPOTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
         """Run GRPO until ``max_steps`` optimizer steps; returns the last logged metrics.
 
+        The run holds ``output_dir``'s lock throughout (:mod:`grpo.io.runlock`), refuses to
+        start over another run's files unless ``overwrite_output_dir`` (:mod:`grpo.io.runs`),
+        and, if an exception ends it after some progress, saves the last good state as a
+        checkpoint before re-raising (the exception's ``checkpoint`` attribute says where).
+
         Args:
             resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest one in
-                ``output_dir``. A missing or corrupt checkpoint raises
-                :class:`grpo.io.checkpoint.CheckpointError` (never a silent fresh start).
+                ``output_dir``. A missing or corrupt checkpoint, or one saved with other
+                run settings (:data:`grpo.io.runs.RESUME_FIELDS`), raises
+                :class:`grpo.errors.CheckpointError` (never a silent fresh start).
         """
+        main = is_main_process(self.group)
+        with runlock.hold(self.args.output_dir, enabled=main):
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint: str | bool | None) -> dict[str, float]:
         args = self.args
-        writer = main_only(self.group, MetricsWriter, args.output_dir)
-        if is_main_process(self.group):
+        main = is_main_process(self.group)
+        self.training_started = False
+        if main:
             ckpt.clean_partial_saves(args.output_dir)  # a killed run's half-written saves
-        if resume_from_checkpoint:
-            self._resume(resume_from_checkpoint)
+        resumed = self._load_resume(resume_from_checkpoint) if resume_from_checkpoint else None
+        meta = resumed[2] if resumed else {}
+        self.run_id = meta.get("run_id") or runs.new_run_id()
+        if main:
+            runs.claim(
+                args.output_dir,
+                run_id=self.run_id,
+                resuming=resumed is not None,
+                overwrite=args.overwrite_output_dir,
+            )
+        writer = main_only(self.group, MetricsWriter, args.output_dir)
+        self._window = []
+        if resumed:
+            self._apply_resume(*resumed)
             writer.truncate_after(self.global_step)
+        hook = faults.from_environment()
+        self._hooks = [hook] if hook is not None else []
         progress = Progress(
             self.max_steps,
             initial=self.global_step,
-            enabled=not args.disable_tqdm and is_main_process(self.group),
+            enabled=not args.disable_tqdm and main,
         )
         self.should_stop = False
         self._callback("on_train_begin")
-        window_rows: list[dict] = []
         last: dict[str, float] = {}
         saved_at = self.global_step
         self._clock = time.perf_counter()
         # Ctrl-C / SIGTERM: stop at a generation boundary, save, raise TrainingInterrupted
         # (grpo.io.signals). Not under mlx.launch, where the ranks would disagree on when.
         guard = InterruptGuard(enabled=not D.is_distributed(self.group))
-        done: Generation | None = None
         # A rank that raises (a reward function, a bad row) ends the whole job at once
         # instead of leaving its peers blocked in a collective.
         with fail_fast(self.group), guard:
             try:
+                self.training_started = True
                 while self.global_step < self.max_steps:
                     gen = self._next_generation(guard)
                     if gen is None:
                         break  # interrupted while generating; rolled back to the boundary
                     self.num_tokens += gen.num_tokens
-                    last = self._run_generation(gen, window_rows, writer, progress) or last
-                    done = gen
+                    last = self._run_generation(gen, writer, progress) or last
                     if self.global_step // args.save_steps > saved_at // args.save_steps:
                         self.save_checkpoint()
                         saved_at = self.global_step
                     if self.should_stop or guard.requested:
                         break
-                if guard.requested and window_rows:  # log the steps since the last record
-                    last = self._log(window_rows, writer, self.global_step, done) or last
+                # An interrupt leaves the steps since the last record in the checkpoint
+                # (log_window), so a resumed run writes the same records as an
+                # uninterrupted one.
                 if saved_at != self.global_step:
                     self.save_checkpoint()
+                    saved_at = self.global_step
+            except Exception as e:
+                if saved_at != self.global_step and not D.is_distributed(self.group):
+                    self._save_last_good(e)
+                raise
             finally:
                 progress.close()
         if guard.requested:
@@ -557,6 +592,20 @@ class GRPOTrainer:
         self._callback("on_train_end")
         return last
 
+    def _save_last_good(self, error: Exception) -> None:
+        """Checkpoint the state before the step that raised ``error``; note where on it."""
+        step = self.global_step
+        try:
+            path = self.save_checkpoint()
+        except Exception as failed:
+            error.add_note(f"the last good state (step {step}) could not be saved: {failed}")
+            return
+        try:
+            error.checkpoint = path
+        except AttributeError:  # an exception type that refuses new attributes
+            pass
+        error.add_note(f"saved the last good state (step {step}) to {path}")
+
     def _next_generation(self, guard: InterruptGuard) -> Generation | None:
         """The next scored generation batch; ``None`` if a signal abandoned it (rolled back)."""
         state, sampler = self.state, self.sampler.state_dict()
@@ -565,15 +614,19 @@ class GRPOTrainer:
                 key, sub = mx.random.split(self.state.key)
                 self.state = self.state._replace(key=key)
                 return self._generate(sub)
-        except KeyboardInterrupt:
-            if not guard.requested:
-                raise
+        except BaseException as e:
+            # Back to the generation boundary, so a checkpoint saved now (on an interrupt,
+            # or the last good state after an error) replays this batch when resumed.
             self.state = state
             self.sampler.load_state_dict(sampler)
             self.model.update(state.params)
+            if isinstance(e, SignalReceived) or not (
+                isinstance(e, KeyboardInterrupt) and guard.requested
+            ):
+                raise
             return None
 
-    def _run_generation(self, gen: Generation, window_rows, writer, progress) -> dict:
+    def _run_generation(self, gen: Generation, writer, progress) -> dict:
         args, logged = self.args, {}
         per_step_tokens = gen.num_tokens / args.optimizer_steps_per_generation
         for _ in range(args.num_iterations):
@@ -588,12 +641,12 @@ class GRPOTrainer:
                 self._clock = now
                 values.update(gen.metrics)
                 values["num_tokens"] = float(self.num_tokens)
-                window_rows.append(values)
+                self._window.append(values)
                 step = self.global_step
                 self._callback("on_step_end", step, values)
                 if step % args.logging_steps == 0 or step == self.max_steps:
-                    logged = self._log(window_rows, writer, step, gen)
-                    window_rows.clear()
+                    logged = self._log(self._window, writer, step, gen)
+                    self._window = []
                 progress.update(step, logged or values)
                 if (
                     args.eval_steps
@@ -692,6 +745,9 @@ class GRPOTrainer:
             "num_tokens": self.num_tokens,
             "max_steps": self.max_steps,
             "config": self.args.to_dict(),
+            "run_id": self.run_id,
+            # Steps since the last metrics.jsonl record, so a resumed run completes the record.
+            "log_window": list(self._window),
         }
 
     def save_checkpoint(self) -> Path:
@@ -702,7 +758,9 @@ class GRPOTrainer:
             ckpt.save_checkpoint(
                 path, self.state, adapter_config=self._adapter_config(), trainer_state=trainer_state
             )
-            ckpt.rotate_checkpoints(self.args.output_dir, keep=self.args.save_total_limit)
+            ckpt.rotate_checkpoints(
+                self.args.output_dir, keep=self.args.save_total_limit, run_id=self.run_id
+            )
         barrier(self.group)
         self._callback("on_save", path)
         return path
@@ -716,20 +774,34 @@ class GRPOTrainer:
             ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
         return out
 
-    def _resume(self, resume_from_checkpoint: str | bool) -> None:
+    def _load_resume(self, resume_from_checkpoint: str | bool) -> tuple[Path, TrainState, dict]:
+        """The checkpoint to resume, loaded and checked against this run (nothing changed)."""
         path = (
-            ckpt.latest_checkpoint(self.args.output_dir)
+            runs.latest_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is True
             else Path(resume_from_checkpoint)
         )
+        saved = ckpt.read_trainer_state(path).get("config")
+        runs.check_resume_settings(saved, self.args.to_dict(), path=path)
         state, meta = ckpt.load_checkpoint(path, self.state)
-        per_rank = meta.get("sampler_per_rank") or [meta["sampler"]]
+        per_rank = meta.get("sampler_per_rank") or [meta.get("sampler")]
         if len(per_rank) != self.world_size:
             raise CheckpointError(
                 f"{path} was saved by {len(per_rank)} rank(s); this job has "
                 f"world_size={self.world_size}, so the prompt shards would differ"
             )
-        self.sampler.load_state_dict(per_rank[self.rank])
+        if not isinstance(per_rank[self.rank], dict):
+            raise CheckpointError(f"{path / ckpt.TRAINER_STATE} lacks the sampler position")
+        return path, state, meta
+
+    def _apply_resume(self, path: Path, state: TrainState, meta: dict) -> None:
+        per_rank = meta.get("sampler_per_rank") or [meta["sampler"]]
+        try:
+            self.sampler.load_state_dict(per_rank[self.rank])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from e
         self.num_tokens = int(meta.get("num_tokens", 0))
+        window = meta.get("log_window") or []
+        self._window = [dict(row) for row in window if isinstance(row, dict)]
         self.state = state
         self.model.update(state.params)
