@@ -103,6 +103,7 @@ FIELD_HELP: dict[str, str] = {
     "delta": "Two-sided clipping: upper bound on the unclipped ratio (`None` = off; must be > 1).",
     "importance_sampling_level": "`token` ratios, or `sequence` (GSPO) ratios.",
     "reward_weights": "Weight of each reward function (`None`: all 1).",
+    "reward_timeout": "Seconds a reward function call may take before the step fails with a RewardError naming it (`None`: no limit).",
     "multi_objective_aggregation": "`sum_then_normalize` (GRPO) or `normalize_then_sum` (GDPO).",
     "scale_rewards": "Divide advantages by the `group` std, the `batch` std, or not at all (`none`, Dr. GRPO).",
     "loss_type": "Loss normalisation / surrogate: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo.",

@@ -122,6 +122,7 @@ class GRPOConfig:
     delta: float | None = None
     importance_sampling_level: str = "token"
     reward_weights: tuple[float, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+    reward_timeout: float | None = None
     multi_objective_aggregation: str = "sum_then_normalize"
     scale_rewards: str = attrs.field(default="group", converter=_scale_rewards)
     loss_type: str = "dapo"
@@ -172,6 +173,8 @@ class GRPOConfig:
         errors = _Errors()
         for check in (_check_batches, _check_generation, _check_loss, _check_optim, _check_misc):
             check(self, errors)
+        _check_finite(self, errors)
+        _check_reliability(self, errors)
         errors.raise_if_any()
         # The loss's own checks (sapo / vespo / entropy knobs) run here too, at construction.
         try:
@@ -455,4 +458,26 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
     errors.check(
         isinstance(cfg.output_dir, str) and cfg.output_dir != "",
         f"output_dir must be a non-empty path, got output_dir={cfg.output_dir!r}",
+    )
+
+
+def _check_finite(cfg: GRPOConfig, errors: _Errors):
+    # inf passes every ">= 0" check above (inf learning_rate, num_train_epochs=inf, ...)
+    # but ruins the run; NaN fails them with a less direct message, so name both here.
+    for field in attrs.fields(type(cfg)):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.check(False, f"{field.name} must be a finite number, got {field.name}={value!r}")
+
+
+def _check_reliability(cfg: GRPOConfig, errors: _Errors):
+    t = cfg.reward_timeout
+    if t is not None:
+        errors.check(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0,
+            f"reward_timeout must be a number of seconds > 0 or None, got reward_timeout={t!r}",
+        )
+    errors.check(
+        isinstance(cfg.overwrite_output_dir, bool),
+        f"overwrite_output_dir must be true or false, got {cfg.overwrite_output_dir!r}",
     )

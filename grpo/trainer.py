@@ -69,6 +69,7 @@ from grpo.io.dist import (
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
 from grpo.io.signals import InterruptGuard, SignalReceived, TrainingInterrupted
+from grpo.io.watch import RewardWatch
 from grpo.rewards import resolve_reward_funcs
 
 # Data parallelism under mlx.launch (docs/distributed.md) is supported (make_advantages takes
@@ -218,6 +219,7 @@ class GRPOTrainer:
         self.training_started = False  # train() got past its checks and began step 1
         self._window: list[dict] = []  # per-step metrics since the last metrics.jsonl record
         self._hooks: list = []  # test-only callbacks (grpo.io.faults)
+        self._watch = RewardWatch()  # warns about rewards that cannot teach anything
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -398,7 +400,13 @@ class GRPOTrainer:
             max_completion_length=self.args.max_completion_length,
         )
         scores = score(
-            prompts, texts, completion_ids, self.reward_funcs, columns=columns, context=context
+            prompts,
+            texts,
+            completion_ids,
+            self.reward_funcs,
+            columns=columns,
+            context=context,
+            timeout=self.args.reward_timeout,
         )
         adv = self._advantages(scores.rewards_per_func, self.reward_weights)
         metrics = reward_metrics(
@@ -406,6 +414,14 @@ class GRPOTrainer:
         )
         metrics.update({k: float(np.mean(v)) for k, v in scores.metrics.items()})
         per_func = np.array(scores.rewards_per_func)
+        self._watch.see(
+            per_func,
+            frac_zero_std=metrics["frac_reward_zero_std"],
+            steps=self.args.optimizer_steps_per_generation,
+            prompts=prompts,
+            completions=texts,
+            columns=columns,
+        )
         table = (
             list(prompts),
             texts,
@@ -719,7 +735,14 @@ class GRPOTrainer:
             prompts = [chunk[i]["prompt"] for i in keep for _ in range(G)]
             columns = {c: [chunk[i].get(c) for i in keep for _ in range(G)] for c in extra}
             completion_ids, texts = self._decode(roll)
-            scores = score(prompts, texts, completion_ids, self.reward_funcs, columns=columns)
+            scores = score(
+                prompts,
+                texts,
+                completion_ids,
+                self.reward_funcs,
+                columns=columns,
+                timeout=self.args.reward_timeout,
+            )
             adv = advantages(scores.rewards_per_func, self.reward_weights)
             m = reward_metrics(
                 scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names

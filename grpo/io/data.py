@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -132,7 +132,14 @@ def load_prompts(
                 str(source), split=split, streaming=streaming, **load_kwargs
             )
     elif isinstance(source, list):
-        dataset = datasets.Dataset.from_list(source)
+        check_prompt_formats(r.get(PROMPT) if isinstance(r, Mapping) else None for r in source)
+        try:
+            dataset = datasets.Dataset.from_list(source)
+        except (TypeError, ValueError, ArithmeticError) as e:  # pyarrow's mixed-type errors
+            raise DataError(
+                f"cannot build a dataset from these rows: {type(e).__name__}: {e}; every "
+                "column must hold one type"
+            ) from e
     else:
         dataset = source
     dataset = _select_split(dataset, split)
@@ -162,27 +169,58 @@ def check_row(row: Mapping, index: int) -> None:
         )
 
 
+def _prompt_column(dataset: datasets.Dataset) -> list:
+    # One Arrow read of the column (row-by-row access costs ~0.1 ms a row), unless the
+    # feature decodes its stored strings (datasets' Json type holds a jsonl column that
+    # mixes strings and message lists as JSON text).
+    feature = dataset.features.get(PROMPT)
+    plain = (datasets.Value, datasets.Sequence, list, getattr(datasets, "List", list))
+    if not isinstance(feature, plain):
+        return list(dataset[PROMPT])
+    return dataset.with_format("arrow")[:][PROMPT].to_pylist()
+
+
 def check_prompts(dataset: Any, *, encoder: Callable[..., Any] | None = None) -> None:
     """Check every row of a map-style dataset before training (streams are checked lazily).
 
-    Each ``prompt`` must be a non-empty string or message list (:func:`check_row`); with an
+    Each ``prompt`` must be a non-empty string or message list (:func:`check_row`), all of
+    one format (plain strings or conversations, never both); with an
     ``encoder`` every prompt is also encoded, so an encoder with ``overflow="error"`` rejects a
     prompt that does not fit its budget now rather than at the step that samples it.
     """
     if _is_stream(dataset):
         return
     check_prompt_column(dataset)
-    # One Arrow read of the column (row-by-row access costs ~0.1 ms a row).
-    prompts = (
-        dataset.with_format("arrow")[:][PROMPT].to_pylist()
-        if isinstance(dataset, datasets.Dataset)
-        else None
-    )
-    for index in range(len(dataset)):
-        row = {PROMPT: prompts[index]} if prompts is not None else dataset[index]
+    prompts = _prompt_column(dataset) if isinstance(dataset, datasets.Dataset) else None
+    rows = [
+        {PROMPT: prompts[index]} if prompts is not None else dataset[index]
+        for index in range(len(dataset))
+    ]
+    for index, row in enumerate(rows):
         check_row(row, index)
-        if encoder is not None:
+    check_prompt_formats(row[PROMPT] for row in rows)
+    if encoder is not None:
+        for index, row in enumerate(rows):
             encoder(row[PROMPT], row=index)
+
+
+def check_prompt_formats(prompts: Iterable[Any]) -> None:
+    """Raise :class:`DataError` if plain-string and conversational prompts are mixed,
+    naming the first row of each kind."""
+    first: dict[str, int] = {}  # prompt format -> first row in it
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            first.setdefault("plain", index)
+        elif is_conversational(prompt):
+            first.setdefault("chat", index)
+        if len(first) == 2:
+            # Completions reach the rewards as strings or as message lists depending on the
+            # batch's first prompt, so a mixed dataset would switch formats batch by batch.
+            raise DataError(
+                f"the dataset mixes prompt formats: row {first['plain']} is a plain string, "
+                f"row {first['chat']} is conversational (a list of messages); use one format "
+                "for every row"
+            )
 
 
 # --- rendering and tokenisation --------------------------------------------------------------
