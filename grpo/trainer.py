@@ -261,6 +261,10 @@ class GRPOTrainer:
         encoder = self.encoder if self.encoder.overflow == "error" else None
         try:
             check_prompts(self.train_dataset, encoder=encoder)
+            if encoder is None and hasattr(self.train_dataset, "__len__"):  # not a stream
+                # Rows share one format, so rendering the first shows now whether the
+                # tokenizer can render any (e.g. a chat template for conversations).
+                self.encoder(self.train_dataset[0]["prompt"], row=0)
         except PromptTooLongError as e:
             raise PromptTooLongError(
                 f"train_dataset: {e.args[0].split(' (min(')[0]} = the model context "

@@ -329,6 +329,34 @@ def test_mixed_prompt_formats_are_refused_naming_the_first_row_of_each(tiny_mode
             _trainer(tiny_model_dir, tmp_path, data=data)
 
 
+def test_chat_role_and_template_errors_are_data_errors_before_any_rollout(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import grpo.trainer as trainer_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rollout ran before the data was validated")
+
+    monkeypatch.setattr(trainer_module, "rollout", forbidden)
+    ends_with_system = [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in PROMPTS]
+    bad_role = [*rows[:5], {"prompt": ends_with_system}, *rows[6:]]
+    with pytest.raises(DataError, match=r"row 5: invalid role in the last message: 'system'"):
+        _trainer(tiny_model_dir, tmp_path, data=bad_role)
+    trainer = _trainer(tiny_model_dir, tmp_path, data=rows)  # the tiny tokenizer's template works
+    bare = trainer.processing_class._tokenizer
+    bare.chat_template = None
+    with pytest.raises(DataError, match=r"row 0: .*chat[ _]template"):
+        GRPOTrainer(
+            trainer.model,
+            lengths,
+            args=tiny_args(tmp_path),
+            train_dataset=rows,
+            processing_class=trainer.processing_class,
+            group=None,
+        )
+
+
 def test_rewards_beyond_float32_advantages_are_refused_naming_function_and_row():
     def huge(completions, **kwargs):
         return [1.0, 2.0, 1e20, 3.0]
@@ -416,20 +444,39 @@ def test_reward_timeout_is_a_flag_and_must_be_positive(tmp_path):
 # -- a full disk -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs: room for the lock, run.json and metrics, not for a checkpoint."""
-    mount = tmp_path / "small"
+def _tmpfs(mount, options):
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {(done.stderr or done.stdout).strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    return mount
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs: room for the lock, run.json and metrics, not for a checkpoint."""
+    yield _tmpfs(tmp_path / "small", "size=1m")
+    subprocess.run(["umount", str(tmp_path / "small")], check=False)
+
+
+@pytest.fixture
+def read_only_tmpfs(tmp_path):
+    yield _tmpfs(tmp_path / "ro", "ro,size=64k")
+    subprocess.run(["umount", str(tmp_path / "ro")], check=False)
+
+
+def test_grpo_train_into_a_read_only_dir_is_one_line_exit_2(read_only_tmpfs, cli_env):
+    out = read_only_tmpfs / "run"
+    done = _cli(out, cli_env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: output_dir {out} is not writable: Read-only file system (EROFS). "
+        "Hint: choose a writable output_dir (--debug prints the traceback)."
+    ]
 
 
 def test_grpo_train_on_a_full_disk_names_the_path_and_enospc_in_one_line(small_tmpfs, cli_env):

@@ -167,6 +167,17 @@ def check_row(row: Mapping, index: int) -> None:
             f"row {index}: {PROMPT!r} must be a string or a list of {{role, content}} messages, "
             f"got {prompt!r:.80}"
         )
+    if not isinstance(prompt, str):
+        for m, message in enumerate(prompt):
+            if not isinstance(message, Mapping) or "role" not in message:
+                raise DataError(
+                    f"row {index}: message {m} of {PROMPT!r} must be a {{role, content}} "
+                    f"mapping, got {message!r:.80}"
+                )
+        try:
+            _generation_flags(prompt)
+        except DataError as e:
+            raise DataError(f"row {index}: {e}") from e
 
 
 def _prompt_column(dataset: datasets.Dataset) -> list:

@@ -40,9 +40,11 @@ def _open(directory: Path) -> int:
     except OSError as e:
         reason = e.strerror or type(e).__name__
         code = errno.errorcode.get(e.errno or 0, "")
-        raise ConfigError(
+        error = ConfigError(
             f"output_dir {directory} is not writable: {reason}" + (f" ({code})" if code else "")
-        ) from e
+        )
+        error.hint = "choose a writable output_dir"
+        raise error from e
 
 
 def acquire(output_dir: str | Path) -> None:
