@@ -795,7 +795,7 @@ def _report(e: BaseException, *, prefix: str = "", debug: bool = False) -> int:
         print(f"{prefix}interrupted: {e}" if str(e) else f"{prefix}interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     known = isinstance(e, GRPOError)
-    line = _one_line(e) if known else f"{type(e).__name__}: {_one_line(e)}"
+    line = (_one_line(e) if known else f"{type(e).__name__}: {_one_line(e)}").rstrip(".")
     saved = getattr(e, "checkpoint", None)
     if saved is not None:
         line += f". Saved the last good state to {saved}; continue with --resume_from_checkpoint"

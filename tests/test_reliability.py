@@ -208,12 +208,15 @@ def test_rotation_never_deletes_another_runs_checkpoints(tiny_model_dir, tmp_pat
 
 def test_resume_with_a_malformed_trainer_state_is_a_one_line_exit_2(tmp_path, cli_env):
     out = tmp_path / "run"
-    assert _cli(out, cli_env, "--max_steps", "2", "--save_steps", "2").returncode == 0
+    assert _cli(out, cli_env, "--max_steps", "2", "--save_steps", "1").returncode == 0
+    assert _steps(out) == [1, 2]  # the newest is the corrupt one: never skipped silently
     (out / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2, "ke')
     done = _cli(out, cli_env, "--max_steps", "4", "--resume_from_checkpoint")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "trainer_state.json is corrupt or unreadable" in lines[0]
+    assert (
+        len(lines) == 1 and "checkpoint-2/trainer_state.json is corrupt or unreadable" in lines[0]
+    )
     # And with another seed: refused before any work, naming the field.
     (out / "checkpoint-2").rename(tmp_path / "broken")
     assert _cli(tmp_path / "ok", cli_env, "--max_steps", "2", "--save_steps", "2").returncode == 0

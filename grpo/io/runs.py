@@ -74,9 +74,12 @@ def write_run_file(output_dir: str | Path, run_id: str) -> None:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path:
-    """The newest complete checkpoint of the run ``run.json`` names (else of any run)."""
+    """The newest complete checkpoint not recorded as another run's than ``run.json``
+    names (one whose ``trainer_state.json`` is unreadable counts, so loading it fails
+    loudly instead of an older one being resumed silently)."""
     owner = recorded_run(output_dir)
-    mine = [p for p in ckpt.list_checkpoints(output_dir) if owner and run_id_of(p) == owner]
+    found = ckpt.list_checkpoints(output_dir)
+    mine = [p for p in found if owner is None or run_id_of(p) in (None, owner)]
     return mine[-1] if mine else ckpt.latest_checkpoint(output_dir)
 
 
