@@ -25,6 +25,7 @@ MODULES = [
     ("grpo.core.score", "Scoring"),
     ("grpo.core.state", "Training state"),
     ("grpo.core.step", "Optimizer step"),
+    ("grpo.core.optim", "Optimizers and schedules (torch / transformers semantics)"),
     ("grpo.core.numerics", "Numerics"),
     ("grpo.core.fastmath", "Fast CPU math"),
     ("grpo.core.distributed", "Data parallelism (pure)"),

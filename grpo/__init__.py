@@ -29,7 +29,11 @@ _EXPORTS = {
         "reward_metrics",
     ],
     "grpo.core.state": ["TrainState"],
-    "grpo.core.step": ["make_train_step", "make_optimizer", "make_schedule", "bucket_length"],
+    "grpo.core.step": ["make_train_step", "bucket_length"],
+    "grpo.core.optim": [
+        "make_optimizer", "make_schedule", "build_optimizer", "decay_parameter_names",
+        "lr_factor",
+    ],
     "grpo.rewards": [
         "resolve_reward_funcs", "register_reward", "REWARD_FUNCS", "answer_match", "think_format",
         "length_penalty",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import json
 import os
 import sys
 import time
@@ -119,15 +120,17 @@ FIELD_HELP: dict[str, str] = {
     "vespo_k_neg": "VESPO Gamma-weight shape for negative advantages.",
     "vespo_lambda_neg": "VESPO Gamma-weight rate for negative advantages.",
     "learning_rate": "Peak learning rate.",
-    "lr_scheduler_type": "`linear`, `cosine`, `constant` or `constant_with_warmup`.",
-    "warmup_ratio": "Fraction of steps for linear warmup (used when `warmup_steps` is 0).",
-    "warmup_steps": "Steps of linear warmup.",
-    "weight_decay": "Decoupled weight decay (AdamW).",
-    "optim": "`adamw`, `adam` or `sgd`.",
+    "lr_scheduler_type": "transformers' schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay.",
+    "lr_scheduler_kwargs": "The schedule's extra arguments as a JSON object, e.g. '{\"min_lr_rate\": 0.1}'.",
+    "warmup_ratio": "Fraction of steps for linear warmup, rounded up (used when `warmup_steps` is 0).",
+    "warmup_steps": "Steps of linear warmup; a value below 1 is a fraction of the run (transformers 5).",
+    "weight_decay": "Weight decay (decoupled for AdamW); biases and norm weights never decay, as in transformers.",
+    "optim": "transformers' optimizer name: adamw_torch (= torch AdamW, bias-corrected), adamw_torch_fused, adamw_hf, adamw_8bit (float32 states), adam, sgd, adafactor.",
+    "optim_args": "Extra optimizer arguments 'k=v,k=v' (sgd: momentum, dampening, nesterov).",
     "adam_beta1": "Adam beta1.",
     "adam_beta2": "Adam beta2.",
     "adam_epsilon": "Adam epsilon.",
-    "max_grad_norm": "Clip the global gradient norm to this (0 = off).",
+    "max_grad_norm": "Clip the global gradient norm to this, as torch's clip_grad_norm_ (0 = off); `grad_norm` logs the norm before clipping.",
     "per_device_train_batch_size": "Completions (rows) per micro-batch, on each rank under mlx.launch (as in TRL).",
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
     "max_steps": "Optimizer steps to run (-1: derive from `num_train_epochs`).",
@@ -198,6 +201,8 @@ def convert(tp: Any, value: Any) -> Any:
         if optional:
             return None
         raise ValueError("None is not allowed here")
+    if base is dict:
+        return _mapping(value)
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
         items = value.split(",") if isinstance(value, str) else value
@@ -218,9 +223,22 @@ def convert(tp: Any, value: Any) -> Any:
     return float(value) if base is float else value
 
 
+def _mapping(value: Any) -> dict:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("expected a JSON object such as '{\"num_cycles\": 2}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    return value
+
+
 def type_name(tp: Any) -> str:
     base, optional = _split_optional(tp)
-    if typing.get_origin(base) is tuple:
+    if base is dict:
+        name = "json"
+    elif typing.get_origin(base) is tuple:
         name = f"comma-separated {typing.get_args(base)[0].__name__}s"
     else:
         name = {bool: "true|false", int: "int", float: "float", str: "str"}[base]

@@ -8,19 +8,19 @@ fields and the values.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import attrs
 
+from grpo.core.optim import lr_factor, optimizer_kind, parse_optim_args, warmup_steps_for
 from grpo.errors import ConfigError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "adam", "sgd")
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
 
 
@@ -35,6 +35,20 @@ def _scale_rewards(value: Any) -> Any:
 
 def _tuple_or_none(value: Any) -> Any:
     return None if value is None else tuple(value)
+
+
+def _json_dict(value: Any) -> Any:
+    # transformers accepts lr_scheduler_kwargs as a dict or its JSON text.
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"lr_scheduler_kwargs must be a dict or JSON object text, got {value!r} ({e})"
+            ) from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"lr_scheduler_kwargs must be a dict, got {value!r}")
+    return value
 
 
 class _Errors:
@@ -81,6 +95,10 @@ class GRPOConfig:
         - ``gradient_checkpointing=False`` (TRL: ``True``): recomputing every transformer
           block in the backward pass costs about one more forward; turn it on when the
           activations of long completions do not fit (docs/benchmarks.md has the trade).
+        - ``optim`` takes transformers' names; every AdamW name (``adamw_torch``,
+          ``adamw_torch_fused``, ``adamw_hf``, ...) is ``torch.optim.AdamW`` exactly
+          (bias-corrected, decoupled decay, no decay on biases and norm weights), and the
+          8-bit / paged AdamW variants run the same update with float32 states.
         - No vLLM, DeepSpeed, tool calling, adaptive entropy or multimodal fields.
     """
 
@@ -141,10 +159,12 @@ class GRPOConfig:
     # -- optimisation --------------------------------------------------------------------
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: dict | None = attrs.field(default=None, converter=_json_dict)
     warmup_ratio: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: float = 0
     weight_decay: float = 0.0
-    optim: str = "adamw"
+    optim: str = "adamw_torch"
+    optim_args: str | None = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -229,10 +249,8 @@ class GRPOConfig:
         return self.lora_alpha / self.lora_rank
 
     def warmup_steps_for(self, total_steps: int) -> int:
-        """``warmup_steps`` if set, else ``ceil(warmup_ratio * total_steps)`` (transformers)."""
-        if self.warmup_steps > 0:
-            return self.warmup_steps
-        return math.ceil(self.warmup_ratio * total_steps)
+        """Warmup steps of a ``total_steps`` run, rounded as transformers rounds them."""
+        return warmup_steps_for(self.warmup_steps, self.warmup_ratio, total_steps)
 
     # -- conversions -----------------------------------------------------------------------
     def to_loss_config(self):
@@ -390,8 +408,21 @@ def _check_loss(cfg: GRPOConfig, errors: _Errors):
 
 
 def _check_optim(cfg: GRPOConfig, errors: _Errors):
-    _one_of(errors, cfg, "lr_scheduler_type", LR_SCHEDULER_TYPES)
-    _one_of(errors, cfg, "optim", OPTIMIZERS)
+    for check in (
+        lambda: optimizer_kind(cfg.optim),
+        lambda: parse_optim_args(cfg.optim_args),
+        lambda: lr_factor(
+            cfg.lr_scheduler_type,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=0,
+            total_steps=100,
+            scheduler_kwargs=cfg.lr_scheduler_kwargs,
+        ),  # fmt: skip
+    ):
+        try:
+            check()
+        except ValueError as e:
+            errors.items.append(str(e))
     errors.check(
         cfg.learning_rate >= 0,
         f"learning_rate must be >= 0, got learning_rate={cfg.learning_rate!r}",
@@ -400,7 +431,11 @@ def _check_optim(cfg: GRPOConfig, errors: _Errors):
         0 <= cfg.warmup_ratio <= 1,
         f"warmup_ratio must be in [0, 1], got warmup_ratio={cfg.warmup_ratio!r}",
     )
-    _positive_int(errors, cfg, "warmup_steps", minimum=0)
+    errors.check(
+        isinstance(cfg.warmup_steps, (int, float)) and cfg.warmup_steps >= 0,
+        "warmup_steps must be >= 0 (steps, or a fraction of the run when below 1), got "
+        f"warmup_steps={cfg.warmup_steps!r}",
+    )
     errors.check(
         cfg.weight_decay >= 0, f"weight_decay must be >= 0, got weight_decay={cfg.weight_decay!r}"
     )

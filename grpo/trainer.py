@@ -34,6 +34,7 @@ from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch, pack
 from grpo.core.loss import completion_logprobs, grpo_loss
+from grpo.core.optim import decay_parameter_names, make_optimizer
 from grpo.core.rollout import Rollout, rollout
 from grpo.core.score import (
     RewardContext,
@@ -43,7 +44,7 @@ from grpo.core.score import (
     score,
 )
 from grpo.core.state import TrainState, init_state
-from grpo.core.step import bucket_length, make_optimizer, make_train_step
+from grpo.core.step import bucket_length, make_train_step
 from grpo.errors import CheckpointError, ConfigError, NumericsError
 from grpo.io import checkpoint as ckpt
 from grpo.io import faults, runlock, runs
@@ -293,7 +294,9 @@ class GRPOTrainer:
         self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
         assert_in_sync(self.policy.params, group=self.group, what="initial parameters")
         self.max_steps = self._total_steps()
-        self.optimizer = make_optimizer(args, total_steps=self.max_steps)
+        self.optimizer = make_optimizer(
+            args, total_steps=self.max_steps, decay_names=decay_parameter_names(self.model)
+        )
         self.state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
         self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
         self.loss_config = args.to_loss_config()

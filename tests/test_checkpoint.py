@@ -10,8 +10,8 @@ from mlx.utils import tree_flatten, tree_map
 
 import grpo  # noqa: F401
 from grpo.config import GRPOConfig
+from grpo.core.optim import make_optimizer
 from grpo.core.state import init_state
-from grpo.core.step import make_optimizer
 from grpo.io import checkpoint as ck
 from grpo.io.checkpoint import (
     CheckpointError,

@@ -21,7 +21,8 @@ from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch, pack
 from grpo.core.loss import completion_logprobs, grpo_loss
 from grpo.core.state import init_state
-from grpo.core.step import make_optimizer, make_train_step
+from grpo.core.optim import make_optimizer
+from grpo.core.step import make_train_step
 from grpo.trainer import GRPOTrainer, NonFiniteError
 from helpers import PROMPTS, flat_numpy, tiny_args
 
