@@ -33,6 +33,7 @@ MODULES = [
     ("grpo.rewards", "Built-in rewards"),
     ("grpo.tasks", "Built-in tasks"),
     ("grpo.config", "Configuration"),
+    ("grpo.errors", "Errors"),
     ("grpo.trainer", "Trainer"),
     ("grpo.tools", "Tools"),
     ("grpo.environments", "Environments"),
@@ -115,7 +116,10 @@ w("| `--warm_start_steps N` | supervised warm-start steps of the default tiny mo
 w(
     "| `--resume_from_checkpoint [DIR]` | resume from DIR or the newest checkpoint in `--output_dir` |"
 )
-w("| `--overwrite_output_dir` | start afresh although `--output_dir` holds a run |")
+w(
+    "| `--overwrite_output_dir` | delete another run's checkpoints, metrics and weights in `--output_dir` before the first save (without it such a directory is refused) |"
+)
+w("| `--debug` | print the full traceback of an error as well as its one-line message |")
 w(
     "| `grpo eval [--model M] [--adapter_path DIR] [--dataset D] [--reward R] [--limit N]` | mean reward per function of a model (plus adapters) on a dataset; no flags: the default model on 64 held-out `reverse` prompts |"
 )
@@ -123,7 +127,7 @@ w(
     "| `grpo --help`, `grpo train --help`, `grpo eval --help` | every option with its type and default |"
 )
 w(
-    "\nUsage errors (unknown flag or YAML key, bad value, missing file, invalid combination) print one line and exit with code 2. The cache of the default model: `$MLX_GRPO_CACHE`, else `$XDG_CACHE_HOME/mlx-grpo`, else `~/.cache/mlx-grpo`.\n"
+    "\nEvery error prints one line and a hint (docs/reliability.md lists them): exit 2 for bad input found before training (unknown flag or YAML key, bad value, missing file, invalid combination, an output directory in use or holding another run, a checkpoint that does not fit), 1 for a failure during training, 130 / 143 for SIGINT / SIGTERM. The cache of the default model: `$MLX_GRPO_CACHE`, else `$XDG_CACHE_HOME/mlx-grpo`, else `~/.cache/mlx-grpo`.\n"
 )
 w("## GRPOConfig fields\n")
 w(

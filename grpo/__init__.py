@@ -26,7 +26,7 @@ _EXPORTS = {
     "grpo.core.rollout": ["rollout", "Rollout", "Sampler"],
     "grpo.core.multiturn": ["multiturn_rollout", "MultiTurnRollout", "Turn"],
     "grpo.core.score": [
-        "score", "Scores", "RewardContext", "RewardError", "check_reward_fns", "reward_weights",
+        "score", "Scores", "RewardContext", "check_reward_fns", "reward_weights",
         "reward_metrics",
     ],
     "grpo.core.state": ["TrainState"],
@@ -51,7 +51,7 @@ _EXPORTS = {
     ],
     "grpo.io.model": ["load_model", "prepare_policy"],
     "grpo.io.fast_attention": ["install_fast_kernels"],
-    "grpo.io.checkpoint": ["save_checkpoint", "load_checkpoint", "CheckpointError"],
+    "grpo.io.checkpoint": ["save_checkpoint", "load_checkpoint"],
     "grpo.io.tiny": ["build_tiny_model"],
     "grpo.io.signals": ["TrainingInterrupted", "InterruptGuard"],
     "grpo.io.dist": ["init_distributed", "is_main_process", "main_only", "fail_fast"],
@@ -60,6 +60,10 @@ _EXPORTS = {
     "grpo.io.default_job": ["ensure_model"],
     "grpo.io.plot": ["plot_reward_curve"],
     "grpo.config": ["GRPOConfig"],
+    "grpo.errors": [
+        "GRPOError", "ConfigError", "OutputDirInUse", "DataError", "RewardError",
+        "CheckpointError", "NumericsError",
+    ],
     "grpo.trainer": ["GRPOTrainer", "NonFiniteError"],
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -6,8 +6,12 @@ cached, warm-started tiny model learns the built-in ``reverse`` task by GRPO and
 :class:`grpo.config.GRPOConfig` field is a flag (``--learning_rate 1e-5``) and a key of the
 ``--config`` YAML file; flags override the file, which overrides the defaults.
 
-Usage errors (unknown flag or YAML key, bad value, missing file, invalid combination of
-settings) print one line naming the problem and exit with code 2.
+Every error prints one line (the problem, where the last good state was saved if it was,
+and a hint) and no traceback unless ``--debug`` is given. Exit codes: 2 for bad input found
+before training (unknown flag or YAML key, bad value, missing file, invalid combination of
+settings, an output directory in use or holding another run, a checkpoint that does not fit),
+1 for a failure during training (a reward function raising, a non-finite loss, a full disk),
+130 / 143 for SIGINT / SIGTERM (first signal: saved at a safe point; second: at once).
 
 ``grpo train`` also runs unchanged under ``mlx.launch -n 2 --backend ring -- grpo train ...``
 (docs/distributed.md): every rank trains its own prompt shard with
@@ -26,6 +30,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -104,6 +109,7 @@ FIELD_HELP: dict[str, str] = {
     "delta": "Two-sided clipping: upper bound on the unclipped ratio (`None` = off; must be > 1).",
     "importance_sampling_level": "`token` ratios, or `sequence` (GSPO) ratios.",
     "reward_weights": "Weight of each reward function (`None`: all 1).",
+    "reward_timeout": "Seconds a reward function call may take before the step fails with a RewardError naming it (`None`: no limit).",
     "multi_objective_aggregation": "`sum_then_normalize` (GRPO) or `normalize_then_sum` (GDPO).",
     "scale_rewards": "Divide advantages by the `group` std, the `batch` std, or not at all (`none`, Dr. GRPO).",
     "loss_type": "Loss normalisation / surrogate: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo.",
@@ -138,6 +144,7 @@ FIELD_HELP: dict[str, str] = {
     "output_dir": "Where metrics, checkpoints and the trained weights go.",
     "logging_steps": "Write a `metrics.jsonl` record every N optimizer steps (a value below 1 is a fraction of the run).",
     "save_steps": "Checkpoint every N optimizer steps, at generation-batch boundaries (a value below 1 is a fraction of the run).",
+    "overwrite_output_dir": "Delete another run's checkpoints, metrics and weights in `output_dir` before the first save (without it, such a directory is refused).",
     "save_total_limit": "Keep at most N checkpoints (`None`: all).",
     "eval_steps": "With `eval_strategy=steps`, evaluate every N steps (a value below 1 is a fraction of the run; `None`: `logging_steps`).",
     "per_device_eval_batch_size": "Completions per evaluation chunk.",
@@ -159,7 +166,6 @@ FIELD_HELP: dict[str, str] = {
     "eval_on_start": "Evaluate once before the first step (needs an eval dataset).",
     "data_seed": "Seed of the prompt order (`None`: `seed`).",
     "remove_unused_columns": "Accepted (TRL default False): every dataset column reaches the reward functions.",
-    "overwrite_output_dir": "Start over in an output_dir that already holds a run.",
     "sync_ref_model": "TR-DPO: every `ref_model_sync_steps` steps mix the policy into the reference (full fine-tune, beta > 0).",
     "ref_model_mixup_alpha": "TR-DPO mix `ref = (1 - alpha) ref + alpha policy`.",
     "ref_model_sync_steps": "Steps between TR-DPO reference syncs.",
@@ -356,6 +362,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", metavar="YAML", help="YAML file of GRPOConfig fields")
     p.add_argument(
+        "--debug", action="store_true", help="print the full traceback of an error as well"
+    )
+    p.add_argument(
         "--warm_start_steps",
         type=_flag_type("warm_start_steps", int),
         default=None,
@@ -393,11 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="resume from DIR, or from the newest checkpoint in --output_dir",
-    )
-    train.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="start afresh even if --output_dir already holds a run's metrics.jsonl",
     )
     train.add_argument(
         "--adapter_path",
@@ -624,18 +628,21 @@ def _load_model(path: str, adapter_path: str | None, *, trust_remote_code: bool)
 
 
 def _check_output_dir(cfg, args) -> None:
-    """Refuse to append to another run's metrics (rank 0 only under mlx.launch)."""
+    """Refuse an output_dir that is a file, in use, or holds another run (rank 0 only)."""
+    from grpo.io import runs
+
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {cfg.output_dir} exists and is a file")
-    metrics = out / "metrics.jsonl"
-    if metrics.exists() and not args.resume_from_checkpoint:
-        if not args.overwrite_output_dir:
-            raise UsageError(
-                f"--output_dir {cfg.output_dir} already holds a run (metrics.jsonl); pass "
-                "--overwrite_output_dir, --resume_from_checkpoint, or another --output_dir"
-            )
-        metrics.unlink(missing_ok=True)
+    if args.resume_from_checkpoint or cfg.overwrite_output_dir:
+        return  # the trainer checks (and, overwriting, deletes) under the run lock
+    others = runs.other_runs_files(out, run_id=None)
+    if others:
+        names = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UsageError(
+            f"--output_dir {cfg.output_dir} already holds a run ({names}); pass "
+            "--overwrite_output_dir, --resume_from_checkpoint, or another --output_dir"
+        )
 
 
 def reward_margin(records: list[dict], *, fraction: float = 0.1) -> tuple[float, float]:
@@ -655,12 +662,25 @@ def train(args: argparse.Namespace) -> int:
     reward_funcs = run.reward_funcs()
     # Joins the mlx.launch job if this process is one of its ranks; None when alone.
     group = init_distributed()
-    with _exit_together(group):
+    with _exit_together(group, debug=args.debug):
         _train(args, run, reward_funcs, group=group, start=start)
     return 0
 
 
 def _train(args: argparse.Namespace, run: Run, reward_funcs: list, *, group, start: float):
+    from grpo.io import runlock
+    from grpo.io.dist import is_main_process
+
+    cfg = run.config
+    main = is_main_process(group)
+    # One run per output_dir, held from the checks to the final weights and plot.
+    with runlock.hold(cfg.output_dir, enabled=main):
+        if main:
+            _check_output_dir(cfg, args)
+        _train_locked(args, run, reward_funcs, group=group, start=start)
+
+
+def _train_locked(args: argparse.Namespace, run: Run, reward_funcs: list, *, group, start: float):
     from grpo.core.distributed import world_size
     from grpo.io.dist import barrier, is_main_process
     from grpo.io.logging import read_metrics
@@ -669,8 +689,6 @@ def _train(args: argparse.Namespace, run: Run, reward_funcs: list, *, group, sta
     cfg = run.config
     main = is_main_process(group)
     say = print if main else _quiet  # only rank 0 prints and writes output_dir
-    if main:
-        _check_output_dir(cfg, args)
     rows = run.rows(split="train")
     model_path = run.model_path(log=say, group=group)
     model, tokenizer = _load_model(model_path, None, trust_remote_code=cfg.trust_remote_code)
@@ -682,7 +700,7 @@ def _train(args: argparse.Namespace, run: Run, reward_funcs: list, *, group, sta
             group=group,
         )  # fmt: skip
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e).splitlines()[0]) from e
+        raise UsageError(_one_line(e)) from e
     what = f"the built-in {run.task!r} task" if run.task else str(run.dataset)
     W = world_size(group)
     ranks = (
@@ -694,16 +712,26 @@ def _train(args: argparse.Namespace, run: Run, reward_funcs: list, *, group, sta
         f"GRPO: {trainer.max_steps} steps on {what}, reward {run.reward}, "
         f"{cfg.num_generations} completions per prompt{ranks}, output in {cfg.output_dir}/"
     )
-    from grpo.io.checkpoint import CheckpointError
+    from grpo.errors import CheckpointError
 
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     except CheckpointError as e:
-        raise UsageError(f"--resume_from_checkpoint: {e}") from e
+        if not trainer.training_started:  # the checkpoint to resume does not fit
+            raise UsageError(f"--resume_from_checkpoint: {_one_line(e)}") from e
+        _mark_exit_code(e, 1)
+        raise
+    except Exception as e:
+        _mark_exit_code(e, 1 if trainer.training_started else 2)
+        raise
     if main:
-        trainer.save_model()
-        metrics = Path(cfg.output_dir) / "metrics.jsonl"
-        png = plot_reward_curve(metrics, Path(cfg.output_dir) / "reward_curve.png")
+        try:
+            trainer.save_model()
+            metrics = Path(cfg.output_dir) / "metrics.jsonl"
+            png = plot_reward_curve(metrics, Path(cfg.output_dir) / "reward_curve.png")
+        except Exception as e:
+            _mark_exit_code(e, 1)
+            raise
         first, last = reward_margin(read_metrics(metrics))
         print(
             f"done in {time.perf_counter() - start:.0f}s: mean reward {first:.3f} (first 10% of "
@@ -719,7 +747,7 @@ def _quiet(*args, **kwargs) -> None:
 
 
 @contextlib.contextmanager
-def _exit_together(group):
+def _exit_together(group, *, debug: bool = False):
     """Under ``mlx.launch``, a rank that fails leaves at once so the whole job stops.
 
     A usage error, a non-finite stop or an interrupt prints its usual one line, prefixed
@@ -730,6 +758,7 @@ def _exit_together(group):
     :func:`main` unchanged.
     """
     from grpo.core.distributed import is_distributed
+    from grpo.errors import GRPOError
     from grpo.io.dist import fail_fast, rank_prefix
 
     if not is_distributed(group):
@@ -738,8 +767,8 @@ def _exit_together(group):
     with fail_fast(group):
         try:
             yield
-        except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
-            code = _report(e, prefix=rank_prefix(group))
+        except (UsageError, GRPOError, KeyboardInterrupt) as e:
+            code = _report(e, prefix=rank_prefix(group), debug=debug)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -781,7 +810,11 @@ def evaluate(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e).splitlines()[0]) from e
-    results = trainer.evaluate(rows)
+    try:
+        results = trainer.evaluate(rows)
+    except Exception as e:
+        _mark_exit_code(e, 1)
+        raise
     print(
         f"eval: {len(rows)} prompts x {cfg.num_generations_eval or cfg.num_generations} completions"
     )
@@ -791,6 +824,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
@@ -801,23 +836,50 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return {"train": train, "eval": evaluate}[args.command](args)
-    except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
-        return _report(e)
+    except SystemExit:
+        raise  # --help, --version
+    except BaseException as e:
+        return _report(e, debug=debug)
 
 
-def _report(e: BaseException, *, prefix: str = "") -> int:
-    """Print the one-line message of an expected error; return the process exit code."""
+def _one_line(e: BaseException) -> str:
+    """``e``'s message on one line: its first line, then the others joined by ``; ``."""
+    lines = [s.strip(" -") for s in str(e).splitlines() if s.strip(" -")]
+    if not lines:
+        return type(e).__name__
+    head, rest = lines[0].rstrip(":"), lines[1:]
+    return f"{head}: {'; '.join(rest)}" if rest else head
+
+
+def _mark_exit_code(e: BaseException, code: int) -> None:
+    with contextlib.suppress(AttributeError):
+        e.grpo_exit_code = code
+
+
+def _report(e: BaseException, *, prefix: str = "", debug: bool = False) -> int:
+    """Print ``e`` as one line (plus its traceback with ``debug``); return the exit code."""
+    from grpo.errors import GRPOError
+
+    if debug:
+        traceback.print_exception(e)
     if isinstance(e, UsageError):
         print(f"{prefix}error: {e}", file=sys.stderr)
         return 2
-    if isinstance(e, FloatingPointError):  # grpo.trainer.NonFiniteError
-        # The weights were not updated; the last checkpoint is intact.
-        print(f"{prefix}error: {e}", file=sys.stderr)
-        return 1
-    # KeyboardInterrupt; grpo.io.signals.TrainingInterrupted names the checkpoint it saved
-    # and its exit code.
-    print(f"{prefix}interrupted: {e}" if str(e) else f"{prefix}interrupted", file=sys.stderr)
-    return getattr(e, "exit_code", 130)
+    if isinstance(e, KeyboardInterrupt):
+        # grpo.io.signals.TrainingInterrupted names the checkpoint it saved; it and
+        # SignalReceived (a second signal) carry the exit code of their signal.
+        print(f"{prefix}interrupted: {e}" if str(e) else f"{prefix}interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
+    known = isinstance(e, GRPOError)
+    line = (_one_line(e) if known else f"{type(e).__name__}: {_one_line(e)}").rstrip(".")
+    saved = getattr(e, "checkpoint", None)
+    if saved is not None:
+        line += f". Saved the last good state to {saved}; continue with --resume_from_checkpoint"
+    hint = e.hint if known else "an unexpected error; please report it with the traceback"
+    if not debug and "--debug" not in hint:
+        hint += " (--debug prints the traceback)"
+    print(f"{prefix}error: {line}. Hint: {hint}.", file=sys.stderr)
+    return getattr(e, "grpo_exit_code", 2 if known else 1)
 
 
 if __name__ == "__main__":

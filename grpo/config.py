@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from grpo.core.optim import lr_factor, optimizer_kind, parse_optim_args, warmup_steps_for
+from grpo.errors import ConfigError
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -130,7 +131,7 @@ class _Errors:
 
     def raise_if_any(self):
         if self.items:
-            raise ValueError("Invalid GRPOConfig:\n  - " + "\n  - ".join(self.items))
+            raise ConfigError("Invalid GRPOConfig:\n  - " + "\n  - ".join(self.items))
 
 
 @attrs.frozen(kw_only=True)
@@ -221,6 +222,7 @@ class GRPOConfig:
     delta: float | None = None
     importance_sampling_level: str = "token"
     reward_weights: tuple[float, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+    reward_timeout: float | None = None
     multi_objective_aggregation: str = "sum_then_normalize"
     scale_rewards: str = attrs.field(default="group", converter=_scale_rewards)
     loss_type: str = "dapo"
@@ -265,6 +267,7 @@ class GRPOConfig:
 
     # -- logging, evaluation, checkpoints ------------------------------------------------
     output_dir: str = attrs.field(default="trainer_output", converter=_none_is("trainer_output"))
+    overwrite_output_dir: bool = False
     logging_steps: float = 10
     save_steps: float = 500
     save_total_limit: int | None = None
@@ -290,7 +293,6 @@ class GRPOConfig:
     eval_on_start: bool = False
     data_seed: int | None = None
     remove_unused_columns: bool | None = False
-    overwrite_output_dir: bool = False
 
     # -- read by a training script, not by the trainer (as in transformers) ----------------
     do_train: bool = _script_field(False)
@@ -449,6 +451,8 @@ class GRPOConfig:
             _check_kwargs_fields, _check_controllers, _check_misc,
         ):  # fmt: skip
             check(self, errors)
+        _check_finite(self, errors)
+        _check_reliability(self, errors)
         errors.raise_if_any()
         if self.disable_dropout:  # TRL: every dropout off, LoRA's included
             object.__setattr__(self, "lora_dropout", 0.0)
@@ -457,7 +461,7 @@ class GRPOConfig:
         try:
             self.to_loss_config()
         except ValueError as e:
-            raise ValueError(f"Invalid GRPOConfig:\n  - {e}") from e
+            raise ConfigError(f"Invalid GRPOConfig:\n  - {e}") from e
 
     # -- resolved batch geometry (TRL fills these in __post_init__; we keep fields as given
     # so attrs.evolve stays valid, and resolve here) ----------------------------------------
@@ -576,7 +580,7 @@ class GRPOConfig:
         names = {f.name for f in attrs.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"GRPOConfig: unknown field(s) {unknown}")
+            raise ConfigError(f"GRPOConfig: unknown field(s) {unknown}")
         return cls(**values)
 
 
@@ -885,4 +889,26 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
     errors.check(
         isinstance(cfg.output_dir, str) and cfg.output_dir != "",
         f"output_dir must be a non-empty path, got output_dir={cfg.output_dir!r}",
+    )
+
+
+def _check_finite(cfg: GRPOConfig, errors: _Errors):
+    # inf passes every ">= 0" check above (inf learning_rate, num_train_epochs=inf, ...)
+    # but ruins the run; NaN fails them with a less direct message, so name both here.
+    for field in attrs.fields(type(cfg)):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.check(False, f"{field.name} must be a finite number, got {field.name}={value!r}")
+
+
+def _check_reliability(cfg: GRPOConfig, errors: _Errors):
+    t = cfg.reward_timeout
+    if t is not None:
+        errors.check(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0,
+            f"reward_timeout must be a number of seconds > 0 or None, got reward_timeout={t!r}",
+        )
+    errors.check(
+        isinstance(cfg.overwrite_output_dir, bool),
+        f"overwrite_output_dir must be true or false, got {cfg.overwrite_output_dir!r}",
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import attrs
 
+from grpo.errors import ConfigError
+
 
 @attrs.frozen(kw_only=True)
 class Flow:
@@ -32,7 +34,7 @@ class Flow:
         """The schedule of ``cfg`` (a ``GRPOConfig``) for a ``max_steps`` run."""
         uses_epochs = "epoch" in (cfg.logging_strategy, cfg.eval_strategy, cfg.save_strategy)
         if uses_epochs and epoch_steps is None:
-            raise ValueError(
+            raise ConfigError(
                 "logging_strategy, eval_strategy or save_strategy 'epoch' needs a dataset of "
                 "known length; a streamed train_dataset has no epochs, so use 'steps'"
             )

@@ -51,8 +51,10 @@ from grpo.core.score import (
 )
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import bucket_length, make_train_step
+from grpo.errors import CheckpointError, ConfigError, NumericsError
 from grpo.flow import Flow
 from grpo.io import checkpoint as ckpt
+from grpo.io import faults, runlock, runs
 from grpo.io.data import (
     PromptEncoder,
     PromptSampler,
@@ -74,7 +76,8 @@ from grpo.io.dist import (
 )
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
-from grpo.io.signals import InterruptGuard, TrainingInterrupted
+from grpo.io.signals import InterruptGuard, SignalReceived, TrainingInterrupted
+from grpo.io.watch import RewardWatch
 
 # Data parallelism under mlx.launch (docs/distributed.md) is supported (make_advantages takes
 # the group); tests/test_distributed.py reads this flag.
@@ -87,7 +90,7 @@ _OPTIONAL_METRICS = (
 )
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(NumericsError):
     """A loss or gradient became NaN/inf; the weights were not updated."""
 
 
@@ -98,7 +101,7 @@ def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
         return tuple(sorted(int(i) for i in ids))
     eos = getattr(_hf_tokenizer(tokenizer), "eos_token_id", None)
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; completions could never end")
+        raise ConfigError("the tokenizer has no eos_token_id; completions could never end")
     return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
 
 
@@ -219,14 +222,14 @@ class GRPOTrainer:
         self._setup_agent(reward_funcs, tools, rollout_func, environment_factory)
         train_dataset = agentic.placeholder_dataset(self, train_dataset)
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            raise ConfigError("train_dataset is required")
         self.train_dataset = load_prompts(train_dataset)
         if self.rollout_func is None:  # a rollout_func may add the columns rewards read
             columns = column_names(self.train_dataset) or []
             check_reward_fns(self.reward_funcs, columns + agentic.extra_columns(self))
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
         if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
-            raise ValueError(
+            raise ConfigError(
                 f"eval_strategy={args.eval_strategy!r}, eval_on_start={args.eval_on_start} "
                 "need an eval_dataset; pass eval_dataset=... or set eval_strategy='no'"
             )
@@ -243,6 +246,11 @@ class GRPOTrainer:
         # A callback may set this; training stops at the next generation-batch boundary
         # (after any checkpoint due there), like transformers' control.should_training_stop.
         self.should_stop = False
+        self.run_id: str | None = None  # set by train(); recorded in every checkpoint
+        self.training_started = False  # train() got past its checks and began step 1
+        self._window: list[dict] = []  # per-step metrics since the last metrics.jsonl record
+        self._hooks: list = []  # test-only callbacks (grpo.io.faults)
+        self._watch = RewardWatch()  # warns about rewards that cannot teach anything
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -253,7 +261,7 @@ class GRPOTrainer:
             )
             return self._cast(loaded), processing_class or tokenizer, str(model)
         if processing_class is None:
-            raise ValueError(
+            raise ConfigError(
                 "processing_class (the tokenizer) is required when model is an mlx module; "
                 "pass the tokenizer returned by mlx_lm.load, or pass the model path instead"
             )
@@ -296,6 +304,10 @@ class GRPOTrainer:
         encoder = self.encoder if self.encoder.overflow == "error" else None
         try:
             check_prompts(self.train_dataset, encoder=encoder)
+            if encoder is None and hasattr(self.train_dataset, "__len__"):  # not a stream
+                # Rows share one format, so rendering the first shows now whether the
+                # tokenizer can render any (e.g. a chat template for conversations).
+                self.encoder(self.train_dataset[0]["prompt"], row=0)
         except PromptTooLongError as e:
             raise PromptTooLongError(
                 f"train_dataset: {e.args[0].split(' (min(')[0]} = the model context "
@@ -355,11 +367,11 @@ class GRPOTrainer:
     def _check_output_dir(self):
         out = Path(self.args.output_dir)
         if out.exists() and not out.is_dir():
-            raise ValueError(f"output_dir={str(out)!r} exists and is a file, not a directory")
+            raise ConfigError(f"output_dir={str(out)!r} exists and is a file, not a directory")
         for parent in out.absolute().parents:
             if parent.exists():
                 if not parent.is_dir():
-                    raise ValueError(
+                    raise ConfigError(
                         f"output_dir={str(out)!r} cannot be created: {str(parent)!r} is a file"
                     )
                 break
@@ -369,7 +381,7 @@ class GRPOTrainer:
             return self.args.max_steps
         per_epoch = self.sampler.steps_per_epoch
         if per_epoch is None:
-            raise ValueError(
+            raise ConfigError(
                 "a streaming train_dataset needs max_steps > 0 (its length is unknown)"
             )
         steps = per_epoch * self.args.num_train_epochs * self.args.optimizer_steps_per_generation
@@ -449,7 +461,13 @@ class GRPOTrainer:
             max_completion_length=self.args.max_completion_length,
         )
         scores = score(
-            prompts, texts, completion_ids, self.reward_funcs, columns=columns, context=context
+            prompts,
+            texts,
+            completion_ids,
+            self.reward_funcs,
+            columns=columns,
+            context=context,
+            timeout=self.args.reward_timeout,
         )
         adv = self._advantages(scores.rewards_per_func, self.reward_weights)
         metrics = reward_metrics(
@@ -457,6 +475,14 @@ class GRPOTrainer:
         )
         metrics.update({k: float(np.mean(v)) for k, v in scores.metrics.items()})
         per_func = np.array(scores.rewards_per_func)
+        self._watch.see(
+            per_func,
+            frac_zero_std=metrics["frac_reward_zero_std"],
+            steps=self.args.optimizer_steps_per_generation,
+            prompts=prompts,
+            completions=texts,
+            columns=columns,
+        )
         table = (
             list(prompts),
             [agentic.display(t) for t in texts],
@@ -609,7 +635,7 @@ class GRPOTrainer:
             self.policy = attrs.evolve(self.policy, ref_params=ref)
 
     def _callback(self, event: str, *args) -> None:
-        for cb in self.callbacks:
+        for cb in [*self.callbacks, *self._hooks]:
             fn = getattr(cb, event, None)
             if fn is not None:
                 fn(self, *args)
@@ -619,37 +645,62 @@ class GRPOTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, float]:
         """Run GRPO until ``max_steps`` optimizer steps; returns the last logged metrics.
 
+        The run holds ``output_dir``'s lock throughout (:mod:`grpo.io.runlock`), refuses to
+        start over another run's files unless ``overwrite_output_dir`` (:mod:`grpo.io.runs`),
+        and, if an exception ends it after some progress, saves the last good state as a
+        checkpoint before re-raising (the exception's ``checkpoint`` attribute says where).
+
         Args:
             resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest one in
-                ``output_dir``. A missing or corrupt checkpoint raises
-                :class:`grpo.io.checkpoint.CheckpointError` (never a silent fresh start).
+                ``output_dir``. A missing or corrupt checkpoint, or one saved with other
+                run settings (:data:`grpo.io.runs.RESUME_FIELDS`), raises
+                :class:`grpo.errors.CheckpointError` (never a silent fresh start).
         """
+        main = is_main_process(self.group)
+        with runlock.hold(self.args.output_dir, enabled=main):
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint: str | bool | None) -> dict[str, float]:
         args = self.args
-        writer = main_only(self.group, MetricsWriter, args.output_dir)
-        if is_main_process(self.group):
+        main = is_main_process(self.group)
+        self.training_started = False
+        if main:
             ckpt.clean_partial_saves(args.output_dir)  # a killed run's half-written saves
-        if resume_from_checkpoint:
-            self._resume(resume_from_checkpoint)
+        resumed = self._load_resume(resume_from_checkpoint) if resume_from_checkpoint else None
+        meta = resumed[2] if resumed else {}
+        self.run_id = meta.get("run_id") or runs.new_run_id()
+        if main:
+            runs.claim(
+                args.output_dir,
+                run_id=self.run_id,
+                resuming=resumed is not None,
+                overwrite=args.overwrite_output_dir,
+            )
+        writer = main_only(self.group, MetricsWriter, args.output_dir)
+        self._window = []
+        if resumed:
+            self._apply_resume(*resumed)
             writer.truncate_after(self.global_step)
+        hook = faults.from_environment()
+        self._hooks = [hook] if hook is not None else []
         progress = Progress(
             self.max_steps,
             initial=self.global_step,
-            enabled=not args.disable_tqdm and is_main_process(self.group),
+            enabled=not args.disable_tqdm and main,
         )
         self.should_stop = False
         self._callback("on_train_begin")
-        window_rows: list[dict] = []
         last: dict[str, float] = {}
         saved_at = self.global_step
         self._clock = time.perf_counter()
         # Ctrl-C / SIGTERM: stop at a generation boundary, save, raise TrainingInterrupted
         # (grpo.io.signals). Not under mlx.launch, where the ranks would disagree on when.
         guard = InterruptGuard(enabled=not D.is_distributed(self.group))
-        done: Generation | None = None
         # A rank that raises (a reward function, a bad row) ends the whole job at once
         # instead of leaving its peers blocked in a collective.
         with fail_fast(self.group), guard:
             try:
+                self.training_started = True
                 if self.flow.eval_on_start and self.global_step == 0:
                     self._log_eval(writer, 0)
                 while self.global_step < self.max_steps:
@@ -658,11 +709,10 @@ class GRPOTrainer:
                         break  # interrupted while generating; rolled back to the boundary
                     self.num_tokens += gen.num_tokens
                     before = self.global_step
-                    last = self._run_generation(gen, window_rows, writer, progress) or last
-                    done = gen
-                    if self.flow.log_at_boundary(before, self.global_step) and window_rows:
-                        last = self._log(window_rows, writer, self.global_step, gen) or last
-                        window_rows.clear()
+                    last = self._run_generation(gen, writer, progress) or last
+                    if self.flow.log_at_boundary(before, self.global_step) and self._window:
+                        last = self._log(self._window, writer, self.global_step, gen) or last
+                        self._window = []
                     if self.flow.eval_at_boundary(before, self.global_step):
                         self._log_eval(writer, self.global_step)
                     if self.flow.save_at_boundary(saved_at, self.global_step):
@@ -670,10 +720,16 @@ class GRPOTrainer:
                         saved_at = self.global_step
                     if self.should_stop or guard.requested:
                         break
-                if guard.requested and window_rows:  # log the steps since the last record
-                    last = self._log(window_rows, writer, self.global_step, done) or last
-                if saved_at != self.global_step and self.flow.saves:
+                # An interrupt leaves the steps since the last record in the checkpoint
+                # (log_window), so a resumed run writes the same records as an
+                # uninterrupted one.
+                if saved_at != self.global_step and (self.flow.saves or guard.requested):
                     self.save_checkpoint()
+                    saved_at = self.global_step
+            except Exception as e:
+                if saved_at != self.global_step and not D.is_distributed(self.group):
+                    self._save_last_good(e)
+                raise
             finally:
                 progress.close()
         if guard.requested:
@@ -684,6 +740,20 @@ class GRPOTrainer:
         self._callback("on_train_end")
         return last
 
+    def _save_last_good(self, error: Exception) -> None:
+        """Checkpoint the state before the step that raised ``error``; note where on it."""
+        step = self.global_step
+        try:
+            path = self.save_checkpoint()
+        except Exception as failed:
+            error.add_note(f"the last good state (step {step}) could not be saved: {failed}")
+            return
+        try:
+            error.checkpoint = path
+        except AttributeError:  # an exception type that refuses new attributes
+            pass
+        error.add_note(f"saved the last good state (step {step}) to {path}")
+
     def _next_generation(self, guard: InterruptGuard) -> Generation | None:
         """The next scored generation batch; ``None`` if a signal abandoned it (rolled back)."""
         state, sampler = self.state, self.sampler.state_dict()
@@ -692,15 +762,19 @@ class GRPOTrainer:
                 key, sub = mx.random.split(self.state.key)
                 self.state = self.state._replace(key=key)
                 return self._generate(sub)
-        except KeyboardInterrupt:
-            if not guard.requested:
-                raise
+        except BaseException as e:
+            # Back to the generation boundary, so a checkpoint saved now (on an interrupt,
+            # or the last good state after an error) replays this batch when resumed.
             self.state = state
             self.sampler.load_state_dict(sampler)
             self.model.update(state.params)
+            if isinstance(e, SignalReceived) or not (
+                isinstance(e, KeyboardInterrupt) and guard.requested
+            ):
+                raise
             return None
 
-    def _run_generation(self, gen: Generation, window_rows, writer, progress) -> dict:
+    def _run_generation(self, gen: Generation, writer, progress) -> dict:
         args, logged = self.args, {}
         per_step_tokens = gen.num_tokens / args.optimizer_steps_per_generation
         for _ in range(args.num_iterations):
@@ -715,12 +789,12 @@ class GRPOTrainer:
                 self._clock = now
                 values.update(gen.metrics)
                 values["num_tokens"] = float(self.num_tokens)
-                window_rows.append(values)
+                self._window.append(values)
                 step = self.global_step
                 self._callback("on_step_end", step, values)
                 if self.flow.log_at(step):
-                    logged = self._log(window_rows, writer, step, gen)
-                    window_rows.clear()
+                    logged = self._log(self._window, writer, step, gen)
+                    self._window = []
                 progress.update(step, logged or values)
                 if self.flow.eval_at(step):
                     self._log_eval(writer, step)
@@ -768,7 +842,7 @@ class GRPOTrainer:
                 "rollout_func it is not supported yet"
             )
         if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (here or in the constructor)")
+            raise ConfigError("evaluate() needs an eval_dataset (here or in the constructor)")
         G = self.args.num_generations_eval or self.args.num_generations
         B = max(1, self.args.per_device_eval_batch_size // G)
         sampling = attrs.evolve(self.sampling, group_size=G)
@@ -794,7 +868,14 @@ class GRPOTrainer:
             prompts = [chunk[i]["prompt"] for i in keep for _ in range(G)]
             columns = {c: [chunk[i].get(c) for i in keep for _ in range(G)] for c in extra}
             completion_ids, texts = self._decode(roll)
-            scores = score(prompts, texts, completion_ids, self.reward_funcs, columns=columns)
+            scores = score(
+                prompts,
+                texts,
+                completion_ids,
+                self.reward_funcs,
+                columns=columns,
+                timeout=self.args.reward_timeout,
+            )
             adv = advantages(scores.rewards_per_func, self.reward_weights)
             m = reward_metrics(
                 scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
@@ -824,6 +905,9 @@ class GRPOTrainer:
                 "entropy_coef": self.entropy_coef,
                 "last_world_entropy": self._last_world_entropy,
             },
+            "run_id": self.run_id,
+            # Steps since the last metrics.jsonl record, so a resumed run completes the record.
+            "log_window": list(self._window),
         }
 
     def save_checkpoint(self) -> Path:
@@ -838,7 +922,9 @@ class GRPOTrainer:
                 trainer_state=trainer_state,
                 extra_trees=self._extra_trees(),
             )
-            ckpt.rotate_checkpoints(self.args.output_dir, keep=self.args.save_total_limit)
+            ckpt.rotate_checkpoints(
+                self.args.output_dir, keep=self.args.save_total_limit, run_id=self.run_id
+            )
         barrier(self.group)
         self._callback("on_save", path)
         return path
@@ -856,21 +942,35 @@ class GRPOTrainer:
         # A TR-DPO reference has moved away from the initial weights: keep it for resume.
         return {REF_MODEL: self.policy.ref_params} if self.args.sync_ref_model else {}
 
-    def _resume(self, resume_from_checkpoint: str | bool) -> None:
+    def _load_resume(self, resume_from_checkpoint: str | bool) -> tuple[Path, TrainState, dict]:
+        """The checkpoint to resume, loaded and checked against this run (nothing changed)."""
         path = (
-            ckpt.latest_checkpoint(self.args.output_dir)
+            runs.latest_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is True
             else Path(resume_from_checkpoint)
         )
+        saved = ckpt.read_trainer_state(path).get("config")
+        runs.check_resume_settings(saved, self.args.to_dict(), path=path)
         state, meta = ckpt.load_checkpoint(path, self.state)
-        per_rank = meta.get("sampler_per_rank") or [meta["sampler"]]
+        per_rank = meta.get("sampler_per_rank") or [meta.get("sampler")]
         if len(per_rank) != self.world_size:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{path} was saved by {len(per_rank)} rank(s); this job has "
                 f"world_size={self.world_size}, so the prompt shards would differ"
             )
-        self.sampler.load_state_dict(per_rank[self.rank])
+        if not isinstance(per_rank[self.rank], dict):
+            raise CheckpointError(f"{path / ckpt.TRAINER_STATE} lacks the sampler position")
+        return path, state, meta
+
+    def _apply_resume(self, path: Path, state: TrainState, meta: dict) -> None:
+        per_rank = meta.get("sampler_per_rank") or [meta["sampler"]]
+        try:
+            self.sampler.load_state_dict(per_rank[self.rank])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: {e}") from e
         self.num_tokens = int(meta.get("num_tokens", 0))
+        window = meta.get("log_window") or []
+        self._window = [dict(row) for row in window if isinstance(row, dict)]
         controllers = meta.get("controllers", {})
         self.entropy_coef = controllers.get("entropy_coef", self.entropy_coef)
         self._last_world_entropy = controllers.get("last_world_entropy", math.inf)

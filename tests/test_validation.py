@@ -7,6 +7,7 @@ Every case goes through the public API (``GRPOConfig(...)``, ``GRPOTrainer(...)`
 
 import grpo  # noqa: F401, I001  (fast BLAS before mlx)
 import json
+import re
 import shutil
 
 import datasets
@@ -250,7 +251,7 @@ def test_resume_adapters_of_another_rank(tiny_model_dir, tmp_path, checkpoint):
         tiny_model_dir,
         tmp_path,
         checkpoint,
-        r"wrong shapes: \['model.layers.0.*lora_a: checkpoint \(128, 4\).*vs model \(128, 8\)",
+        r"checkpoint-1 was saved with lora_rank=4, this run has lora_rank=8",
         lora_rank=8,
     )
 
@@ -260,18 +261,40 @@ def test_resume_lora_adapters_into_a_full_finetune(tiny_model_dir, tmp_path, che
         tiny_model_dir,
         tmp_path,
         checkpoint,
-        r"do not match the model: missing \['model.embed_tokens.weight'",
+        r"checkpoint-1 was saved with use_lora=True, this run has use_lora=False",
         use_lora=False,
     )
 
 
-def test_resume_with_a_different_batch_layout(tiny_model_dir, tmp_path, checkpoint):
-    trainer = _trainer(tiny_model_dir, tmp_path, num_generations=2)
-    with pytest.raises(
-        ValueError, match=r"saved sampler has batch_size=2, this one has batch_size=4"
-    ):
-        trainer.train(resume_from_checkpoint=str(checkpoint))
-    assert trainer.global_step == 0
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(num_generations=2), "saved with num_generations=4, this run has num_generations=2"),
+        (dict(seed=1), "saved with seed=0, this run has seed=1"),
+        (dict(shuffle_dataset=False), "saved with shuffle_dataset=True"),
+    ],
+)
+def test_resume_with_other_run_settings_names_the_field(
+    tiny_model_dir, tmp_path, checkpoint, kw, needle
+):
+    _resume_fails(tiny_model_dir, tmp_path, checkpoint, re.escape(needle), **kw)
+
+
+def test_resume_with_a_different_sampler_layout_is_a_checkpoint_error(
+    tiny_model_dir, tmp_path, checkpoint
+):
+    # A checkpoint whose recorded config lacks the field still meets the sampler's check.
+    path = _copy(checkpoint, tmp_path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    del state["config"]
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    _resume_fails(
+        tiny_model_dir,
+        tmp_path,
+        path,
+        r"saved sampler has batch_size=2, this one has batch_size=4",
+        num_generations=2,
+    )
 
 
 def test_a_good_checkpoint_resumes(tiny_model_dir, tmp_path, checkpoint):

@@ -22,6 +22,7 @@ import functools
 import inspect
 import math
 import numbers
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from grpo.core.advantages import weighted_rewards
 from grpo.core.numerics import nanmean, nanstd
+from grpo.errors import RewardError
 
 # Names score() supplies itself; any other required parameter must be a dataset column.
 KNOWN_ARGUMENTS = frozenset(
@@ -38,10 +40,10 @@ KNOWN_ARGUMENTS = frozenset(
 )
 # Columns TRL never forwards as kwargs (they are passed as prompts/completions/completion_ids).
 RESERVED_COLUMNS = frozenset({"prompt", "completion", "completion_ids"})
-
-
-class RewardError(ValueError):
-    """A reward function misbehaved: bad output, an exception inside it, or a missing column."""
+# Largest |reward| accepted. Rewards are float32, and a group's std squares differences of
+# up to twice this size summed over the group: beyond ~1.8e19 that overflows, the std
+# becomes inf and every advantage silently 0. 1e18 leaves room for groups of up to ~80.
+MAX_ABS_REWARD = 1e18
 
 
 @attrs.frozen
@@ -178,6 +180,12 @@ def _as_float(value: Any, name: str, row: int) -> float:
             f"reward function {name!r} returned {out} at row {row}; rewards must be finite "
             "(return None for 'not applicable')"
         )
+    if abs(out) > MAX_ABS_REWARD:
+        raise RewardError(
+            f"reward function {name!r} returned {out:.6g} at row {row}, beyond the +-{MAX_ABS_REWARD:g} "
+            "that float32 advantages can hold (larger rewards overflow float32 or its group "
+            "std, and every advantage becomes 0); rescale the rewards"
+        )
     return out
 
 
@@ -213,10 +221,22 @@ def _run_coroutine(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _await_all(pending: list[tuple[int, str, Any]], n: int) -> list[list[float]]:
+def _timed_out(name: str, n: int, timeout: float) -> RewardError:
+    return RewardError(
+        f"reward function {name!r} did not return within reward_timeout={timeout:g}s while "
+        f"scoring rows 0..{n - 1}; it was abandoned (a hung call keeps running in a "
+        "background thread)"
+    )
+
+
+async def _await_all(
+    pending: list[tuple[int, str, Any]], n: int, timeout: float | None
+) -> list[list[float]]:
     async def one(name, awaitable):
         try:
-            output = await awaitable
+            output = await asyncio.wait_for(awaitable, timeout)
+        except asyncio.TimeoutError:
+            raise _timed_out(name, n, timeout) from None
         except Exception as e:
             raise _raised(name, n, e) from e
         return _validate(output, name, n)
@@ -224,12 +244,37 @@ async def _await_all(pending: list[tuple[int, str, Any]], n: int) -> list[list[f
     return await asyncio.gather(*(one(name, aw) for _, name, aw in pending))
 
 
-def _call_all(reward_fns, names, kwargs: dict, n: int) -> list[list[float]]:
+def _call(fn: Callable, kwargs: dict, *, name: str, n: int, timeout: float | None) -> Any:
+    """``fn(**kwargs)``; with ``timeout``, on a daemon thread that is abandoned when late
+    (a Python thread cannot be killed, and a daemon one never blocks the process exit)."""
+    if timeout is None:
+        return fn(**kwargs)
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["output"] = fn(**kwargs)
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name=f"reward {name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _timed_out(name, n, timeout)
+    if "error" in box:
+        raise box["error"]
+    return box["output"]
+
+
+def _call_all(reward_fns, names, kwargs: dict, n: int, timeout: float | None = None):
     columns: list[list[float] | None] = [None] * len(reward_fns)
     pending = []
     for f, (fn, name) in enumerate(zip(reward_fns, names, strict=True)):
         try:
-            output = fn(**_kwargs_for(fn, kwargs))
+            output = _call(fn, _kwargs_for(fn, kwargs), name=name, n=n, timeout=timeout)
+        except RewardError:
+            raise
         except Exception as e:
             raise _raised(name, n, e) from e
         if inspect.isawaitable(output):  # async functions run together below
@@ -237,7 +282,8 @@ def _call_all(reward_fns, names, kwargs: dict, n: int) -> list[list[float]]:
         else:
             columns[f] = _validate(output, name, n)
     if pending:
-        for (f, _, _), values in zip(pending, _run_coroutine(_await_all(pending, n)), strict=True):
+        results = _run_coroutine(_await_all(pending, n, timeout))
+        for (f, _, _), values in zip(pending, results, strict=True):
             columns[f] = values
     return columns
 
@@ -264,6 +310,7 @@ def score(
     *,
     columns: Mapping[str, Sequence] | None = None,
     context: Any = None,
+    timeout: float | None = None,
 ) -> Scores:
     """Call every reward function on the ``N`` rows and stack the results.
 
@@ -280,13 +327,15 @@ def score(
         reward_fns: ``F`` callables (sync or async).
         columns: other dataset columns, each a sequence of ``N`` values.
         context: passed as ``trainer_state`` (default: a fresh :class:`RewardContext`).
+        timeout: seconds each reward function may take (``None``: no limit).
 
     Returns:
         :class:`Scores` with ``rewards_per_func`` ``[N, F]`` float32 (NaN = None).
 
     Raises:
-        RewardError: a missing column, a wrong-length / non-numeric / NaN / inf output, or an
-            exception inside a function; each names the function (and row when there is one).
+        RewardError: a missing column, a wrong-length / non-numeric / NaN / inf / too large
+            (beyond :data:`MAX_ABS_REWARD`) output, an exception inside a function, or a call
+            past ``timeout``; each names the function (and row when there is one).
     """
     n = len(prompts)
     if len(completions) != n or len(completion_ids) != n:
@@ -307,7 +356,7 @@ def score(
         "log_extra": lambda column, values: extra.setdefault(column, []).extend(values),
         "log_metric": lambda name, value: metrics.setdefault(name, []).append(float(value)),
     }
-    values = _call_all(reward_fns, names, kwargs, n)
+    values = _call_all(reward_fns, names, kwargs, n, timeout)
     rewards = np.asarray(values, dtype=np.float32).reshape(len(reward_fns), n).T
     return Scores(mx.array(rewards), names, metrics, extra)
 

@@ -16,6 +16,7 @@ or the new complete one, never a partial directory under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from grpo.core.state import TrainState
+from grpo.errors import CheckpointError
 
 ADAPTERS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,10 +37,6 @@ OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 REQUIRED = (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, TRAINER_STATE)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or unreadable."""
 
 
 def _fsync_file(path: Path) -> None:
@@ -56,6 +54,26 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def write_error(what: str, path: Path, e: BaseException) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a failed write, naming the path and the cause.
+
+    mlx reports a full disk as ``RuntimeError("[write] Unable to write N bytes")``; the free
+    space left on the device tells that case apart, so it is named ENOSPC too.
+    """
+    if isinstance(e, OSError) and e.errno:
+        reason = f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})"
+    else:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        probe = next((p for p in (path, *path.parents) if p.exists()), None)
+        try:
+            free = shutil.disk_usage(probe).free if probe is not None else None
+        except OSError:
+            free = None
+        if free is not None and free < 1 << 20:
+            reason = f"No space left on device (ENOSPC, {free} bytes free; {reason})"
+    return CheckpointError(f"cannot write {what} {path}: {reason}")
 
 
 def _flat(tree: Any) -> dict[str, mx.array]:
@@ -95,9 +113,12 @@ def save_checkpoint(
     parent = directory.parent
     if parent.exists() and not parent.is_dir():
         raise CheckpointError(f"cannot write checkpoint: output path {parent} is a file")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=parent))
+    except OSError as e:
+        raise write_error("checkpoint", directory, e) from e
     mx.eval(state)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=parent))
     try:
         mx.save_safetensors(str(tmp / ADAPTERS), _flat(state.params), metadata={"format": "mlx"})
         mx.save_safetensors(str(tmp / OPTIMIZER), _flat(state.opt_state))
@@ -123,6 +144,10 @@ def save_checkpoint(
         else:
             os.replace(tmp, directory)
         _fsync_dir(parent)
+    except Exception as e:
+        error = write_error("checkpoint", directory, e)  # before freeing the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise error from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,12 +163,12 @@ def save_adapters(directory: str | Path, params: Any, *, adapter_config: dict) -
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save the model: {directory} is a file")
-    directory.mkdir(parents=True, exist_ok=True)
     flat = _flat(params)
     mx.eval(flat)
     tmp_weights = directory / f".tmp-{os.getpid()}-{ADAPTERS}"
     tmp_config = directory / f".tmp-{os.getpid()}-{ADAPTER_CONFIG}"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(tmp_weights), flat, metadata={"format": "mlx"})
         _write_json(tmp_config, adapter_config)
         for tmp in (tmp_weights, tmp_config):
@@ -151,6 +176,8 @@ def save_adapters(directory: str | Path, params: Any, *, adapter_config: dict) -
         os.replace(tmp_weights, directory / ADAPTERS)
         os.replace(tmp_config, directory / ADAPTER_CONFIG)
         _fsync_dir(directory)
+    except Exception as e:
+        raise write_error("the model to", directory, e) from e
     finally:
         for tmp in (tmp_weights, tmp_config):
             tmp.unlink(missing_ok=True)
@@ -201,6 +228,16 @@ def _fill(template: Any, flat: dict[str, mx.array], what: str, directory: Path) 
     return tree_map_with_path(lambda path, _: flat[path], template)
 
 
+def read_trainer_state(directory: str | Path) -> dict:
+    """A complete checkpoint's ``trainer_state.json`` (no weights are read)."""
+    directory = Path(directory)
+    _check_complete(directory)
+    meta = _load_json(directory / TRAINER_STATE)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{directory / TRAINER_STATE} is not a JSON object")
+    return meta
+
+
 def load_checkpoint(directory: str | Path, template: TrainState) -> tuple[TrainState, dict]:
     """Read a checkpoint into the structure of ``template``.
 
@@ -217,8 +254,7 @@ def load_checkpoint(directory: str | Path, template: TrainState) -> tuple[TrainS
             match the template.
     """
     directory = Path(directory)
-    _check_complete(directory)
-    meta = _load_json(directory / TRAINER_STATE)
+    meta = read_trainer_state(directory)
     _load_json(directory / ADAPTER_CONFIG)
     if "step" not in meta or "key" not in meta:
         raise CheckpointError(f"{directory / TRAINER_STATE} lacks 'step' or 'key'")
@@ -297,15 +333,40 @@ def clean_partial_saves(output_dir: str | Path) -> list[Path]:
     return touched
 
 
-def rotate_checkpoints(output_dir: str | Path, *, keep: int | None) -> list[Path]:
-    """Delete the oldest checkpoints so at most ``keep`` remain; returns the deleted ones."""
+def run_id_of(checkpoint: str | Path) -> str | None:
+    """The ``run_id`` recorded in a checkpoint's ``trainer_state.json`` (``None`` if absent
+    or unreadable)."""
+    try:
+        meta = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    run_id = meta.get("run_id") if isinstance(meta, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint directory; renamed first, so a kill mid-delete never leaves a
+    partial ``checkpoint-N`` behind (:func:`clean_partial_saves` finishes the job)."""
+    path = Path(path)
+    trash = path.parent / f".del-{path.name}-{os.getpid()}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def rotate_checkpoints(
+    output_dir: str | Path, *, keep: int | None, run_id: str | None = None
+) -> list[Path]:
+    """Delete the oldest checkpoints so at most ``keep`` remain; returns the deleted ones.
+
+    With ``run_id``, only that run's checkpoints count and are deleted: another run's never
+    push the current run's newest ones out.
+    """
     if keep is None:
         return []
     found = list_checkpoints(output_dir)
+    if run_id is not None:
+        found = [p for p in found if run_id_of(p) == run_id]
     doomed = found[: max(len(found) - keep, 0)]
     for p in doomed:
-        # Rename first: a kill mid-delete must not leave a partial ``checkpoint-N`` behind.
-        trash = p.parent / f".del-{p.name}-{os.getpid()}"
-        os.replace(p, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_checkpoint(p)
     return doomed

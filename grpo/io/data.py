@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 
 from grpo.core.score import is_conversational
+from grpo.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 OVERFLOW = ("truncate", "error", "drop")
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(DataError):
     """A prompt does not fit its token budget and ``overflow="error"``."""
 
 
@@ -47,8 +48,8 @@ def column_names(dataset: Any) -> list[str] | None:
     return None
 
 
-def _missing_prompt(columns: Sequence[str]) -> ValueError:
-    return ValueError(
+def _missing_prompt(columns: Sequence[str]) -> DataError:
+    return DataError(
         f"the dataset has no {PROMPT!r} column; its columns are {list(columns)} "
         "(pass prompt_column=... to use another one)"
     )
@@ -58,7 +59,7 @@ def check_prompt_column(dataset: Any) -> None:
     """Raise if ``dataset`` visibly lacks a ``prompt`` column or has no rows."""
     columns = column_names(dataset)
     if isinstance(dataset, (datasets.Dataset, list)) and len(dataset) == 0:
-        raise ValueError(f"the dataset is empty (0 rows; columns: {columns or []})")
+        raise DataError(f"the dataset is empty (0 rows; columns: {columns or []})")
     if columns is not None and PROMPT not in columns:
         raise _missing_prompt(columns)
 
@@ -68,7 +69,7 @@ def _load_path(path: Path, *, split: str, streaming: bool, **kwargs) -> Any:
         return datasets.load_dataset(str(path), split=split, streaming=streaming, **kwargs)
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(
+        raise DataError(
             f"cannot load {str(path)!r}: unknown file type {path.suffix!r}; "
             f"use one of {sorted(FILE_BUILDERS)}"
         )
@@ -80,7 +81,7 @@ def _load_path(path: Path, *, split: str, streaming: bool, **kwargs) -> Any:
 def _select_split(dataset: Any, split: str) -> Any:
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in dataset:
-            raise ValueError(f"split {split!r} not found; available splits: {list(dataset)}")
+            raise DataError(f"split {split!r} not found; available splits: {list(dataset)}")
         return dataset[split]
     return dataset
 
@@ -88,11 +89,11 @@ def _select_split(dataset: Any, split: str) -> Any:
 def _rename_prompt_column(dataset: Any, prompt_column: str) -> Any:
     columns = dataset.column_names
     if columns is not None and prompt_column not in columns:
-        raise ValueError(
+        raise DataError(
             f"prompt_column={prompt_column!r} is not a column; columns are {list(columns)}"
         )
     if columns is not None and PROMPT in columns:
-        raise ValueError(
+        raise DataError(
             f"prompt_column={prompt_column!r} but the dataset also has a {PROMPT!r} column; "
             "drop or rename one of them"
         )
@@ -131,7 +132,14 @@ def load_prompts(
                 str(source), split=split, streaming=streaming, **load_kwargs
             )
     elif isinstance(source, list):
-        dataset = datasets.Dataset.from_list(source)
+        check_prompt_formats(r.get(PROMPT) if isinstance(r, Mapping) else None for r in source)
+        try:
+            dataset = datasets.Dataset.from_list(source)
+        except (TypeError, ValueError, ArithmeticError) as e:  # pyarrow's mixed-type errors
+            raise DataError(
+                f"cannot build a dataset from these rows: {type(e).__name__}: {e}; every "
+                "column must hold one type"
+            ) from e
     else:
         dataset = source
     dataset = _select_split(dataset, split)
@@ -153,35 +161,77 @@ def check_row(row: Mapping, index: int) -> None:
     prompt = row[PROMPT]
     empty = prompt is None or (isinstance(prompt, (str, list, tuple)) and len(prompt) == 0)
     if empty:
-        raise ValueError(f"row {index} has an empty {PROMPT!r} ({prompt!r}); columns: {list(row)}")
+        raise DataError(f"row {index} has an empty {PROMPT!r} ({prompt!r}); columns: {list(row)}")
     if not isinstance(prompt, str) and not is_conversational(prompt):
-        raise ValueError(
+        raise DataError(
             f"row {index}: {PROMPT!r} must be a string or a list of {{role, content}} messages, "
             f"got {prompt!r:.80}"
         )
+    if not isinstance(prompt, str):
+        for m, message in enumerate(prompt):
+            if not isinstance(message, Mapping) or "role" not in message:
+                raise DataError(
+                    f"row {index}: message {m} of {PROMPT!r} must be a {{role, content}} "
+                    f"mapping, got {message!r:.80}"
+                )
+        try:
+            _generation_flags(prompt)
+        except DataError as e:
+            raise DataError(f"row {index}: {e}") from e
+
+
+def _prompt_column(dataset: datasets.Dataset) -> list:
+    # One Arrow read of the column (row-by-row access costs ~0.1 ms a row), unless the
+    # feature decodes its stored strings (datasets' Json type holds a jsonl column that
+    # mixes strings and message lists as JSON text).
+    feature = dataset.features.get(PROMPT)
+    plain = (datasets.Value, datasets.Sequence, list, getattr(datasets, "List", list))
+    if not isinstance(feature, plain):
+        return list(dataset[PROMPT])
+    return dataset.with_format("arrow")[:][PROMPT].to_pylist()
 
 
 def check_prompts(dataset: Any, *, encoder: Callable[..., Any] | None = None) -> None:
     """Check every row of a map-style dataset before training (streams are checked lazily).
 
-    Each ``prompt`` must be a non-empty string or message list (:func:`check_row`); with an
+    Each ``prompt`` must be a non-empty string or message list (:func:`check_row`), all of
+    one format (plain strings or conversations, never both); with an
     ``encoder`` every prompt is also encoded, so an encoder with ``overflow="error"`` rejects a
     prompt that does not fit its budget now rather than at the step that samples it.
     """
     if _is_stream(dataset):
         return
     check_prompt_column(dataset)
-    # One Arrow read of the column (row-by-row access costs ~0.1 ms a row).
-    prompts = (
-        dataset.with_format("arrow")[:][PROMPT].to_pylist()
-        if isinstance(dataset, datasets.Dataset)
-        else None
-    )
-    for index in range(len(dataset)):
-        row = {PROMPT: prompts[index]} if prompts is not None else dataset[index]
+    prompts = _prompt_column(dataset) if isinstance(dataset, datasets.Dataset) else None
+    rows = [
+        {PROMPT: prompts[index]} if prompts is not None else dataset[index]
+        for index in range(len(dataset))
+    ]
+    for index, row in enumerate(rows):
         check_row(row, index)
-        if encoder is not None:
+    check_prompt_formats(row[PROMPT] for row in rows)
+    if encoder is not None:
+        for index, row in enumerate(rows):
             encoder(row[PROMPT], row=index)
+
+
+def check_prompt_formats(prompts: Iterable[Any]) -> None:
+    """Raise :class:`DataError` if plain-string and conversational prompts are mixed,
+    naming the first row of each kind."""
+    first: dict[str, int] = {}  # prompt format -> first row in it
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            first.setdefault("plain", index)
+        elif is_conversational(prompt):
+            first.setdefault("chat", index)
+        if len(first) == 2:
+            # Completions reach the rewards as strings or as message lists depending on the
+            # batch's first prompt, so a mixed dataset would switch formats batch by batch.
+            raise DataError(
+                f"the dataset mixes prompt formats: row {first['plain']} is a plain string, "
+                f"row {first['chat']} is conversational (a list of messages); use one format "
+                "for every row"
+            )
 
 
 # --- rendering and tokenisation --------------------------------------------------------------
@@ -198,7 +248,7 @@ def _generation_flags(messages: Sequence[Mapping]) -> dict[str, bool]:
         return {"add_generation_prompt": True, "continue_final_message": False}
     if last == "assistant":
         return {"add_generation_prompt": False, "continue_final_message": True}
-    raise ValueError(
+    raise DataError(
         f"invalid role in the last message: {last!r}; a prompt must end with a 'user', 'tool' "
         "or (to be continued) 'assistant' message"
     )
@@ -222,7 +272,7 @@ def render_prompt(
         if getattr(tokenizer, "has_chat_template", False) and hf is not tokenizer:
             # mlx-lm supplies its own renderer for some models.
             return tokenizer.apply_chat_template(list(prompt), tokenize=False, **flags, **kwargs)
-        raise ValueError(
+        raise DataError(
             "the tokenizer has no chat template, so conversational prompts cannot be rendered; "
             "pass chat_template=... or use plain-string prompts"
         )
@@ -266,7 +316,7 @@ def prompt_budget(
     if context_length is not None:
         room = context_length - max_completion_length
         if room < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"max_completion_length={max_completion_length} leaves no room for a prompt in "
                 f"the model context of {context_length} tokens; use at most {context_length - 1}"
             )
@@ -323,9 +373,20 @@ class PromptEncoder:
         )
 
     def __call__(self, prompt: str | Sequence[Mapping], *, row: Any = None) -> list[int] | None:
-        ids = encode_prompt(
-            prompt, self.tokenizer, chat_template=self.chat_template, **self.template_kwargs
-        )
+        try:
+            ids = encode_prompt(
+                prompt, self.tokenizer, chat_template=self.chat_template, **self.template_kwargs
+            )
+        except DataError as e:
+            if row is None:
+                raise
+            raise DataError(f"row {row}: {e}") from e
+        except Exception as e:  # a Jinja chat template rejecting the messages
+            where = f"row {row}: " if row is not None else ""
+            raise DataError(
+                f"{where}the chat template cannot render this prompt "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
         return fit_prompt(ids, budget=self.budget, overflow=self.overflow, row=row)
 
 
@@ -442,7 +503,7 @@ class PromptSampler:
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, shard indices)
         self._stream: Iterator | None = None
         if not self.streaming and len(self._shard(0)) < batch_size:
-            raise ValueError(
+            raise DataError(
                 f"rank {rank}'s shard has {len(self._shard(0))} rows ({len(dataset)} rows over "
                 f"{world_size} rank(s)); batch_size={batch_size} needs at least {batch_size} "
                 "distinct prompts per step"
@@ -541,7 +602,7 @@ class PromptSampler:
             self.epoch, self.cursor, self._stream = self.epoch + 1, 0, None
             if fresh:
                 break
-        raise ValueError(
+        raise DataError(
             f"a whole epoch gave fewer than batch_size={self.batch_size} usable prompts on rank "
             f"{self.rank} ({self.num_dropped} dropped for not fitting the prompt budget)"
         )

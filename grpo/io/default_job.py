@@ -47,7 +47,8 @@ DEFAULT_TRAIN_ARGS: dict = {
     "beta": 0.01,
     "max_steps": 400,
     "logging_steps": 10,
-    "save_steps": 10_000,
+    "save_steps": 50,  # a failure or kill loses at most 50 steps
+    "save_total_limit": 2,
     "seed": 0,
     "output_dir": "grpo_output",
 }

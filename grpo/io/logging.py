@@ -38,9 +38,14 @@ class MetricsWriter:
 
     def write(self, record: Mapping[str, Any]) -> None:
         line = json.dumps({k: _jsonable(v) for k, v in record.items()})
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+        except OSError as e:
+            from grpo.io.checkpoint import write_error
+
+            raise write_error("metrics to", self.path, e) from e
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (used when resuming from an earlier checkpoint)."""

@@ -13,8 +13,9 @@ it depends on where the signal lands:
 
 Either way the trainer then writes a checkpoint and raises :class:`TrainingInterrupted`
 (a ``KeyboardInterrupt``), which the CLI turns into exit status ``128 + signal`` (130 for
-Ctrl-C). A second signal raises ``KeyboardInterrupt`` immediately, wherever it lands; the
-last complete checkpoint stays loadable because checkpoints are written atomically.
+Ctrl-C). A second signal raises :class:`SignalReceived` (a ``KeyboardInterrupt``)
+immediately, wherever it lands, with the same exit status; the last complete checkpoint stays
+loadable because checkpoints are written atomically.
 """
 
 from __future__ import annotations
@@ -26,6 +27,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class SignalReceived(KeyboardInterrupt):
+    """A second signal stopped training at once, without saving.
+
+    Attributes:
+        signum: the signal number.
+    """
+
+    def __init__(self, signum: int):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received a second time: stopped at once without saving; the newest "
+            "complete checkpoint in output_dir is intact"
+        )
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for death by signal: ``128 + signum`` (130 for SIGINT)."""
+        return 128 + int(self.signum)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -82,10 +104,10 @@ class InterruptGuard:
         return False
 
     def _handle(self, signum: int, frame) -> None:
-        first = self.signum is None
-        if first:
-            self.signum = signum
-        if self._abandonable or not first:
+        if self.signum is not None:
+            raise SignalReceived(signum)
+        self.signum = signum
+        if self._abandonable:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
