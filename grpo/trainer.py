@@ -74,6 +74,7 @@ from grpo.io.dist import (
 )
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
+from grpo.io.reward_model import RewardModelReward
 from grpo.io.signals import InterruptGuard, TrainingInterrupted
 from grpo.rewards import resolve_reward_funcs
 
@@ -197,6 +198,7 @@ class GRPOTrainer:
         processing_class: Any = None,
         callbacks: Sequence[Any] | None = None,
         *,
+        reward_processing_classes: Any = None,
         group: Any = "auto",
     ):
         self.args = args = GRPOConfig() if args is None else args
@@ -206,7 +208,15 @@ class GRPOTrainer:
             raise ValueError("train_dataset is required")
         # Everything checkable without the model is checked before loading it.
         self._check_output_dir()
-        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        self.reward_funcs = resolve_reward_funcs(
+            reward_funcs,
+            reward_processing_classes,
+            chat_template_kwargs=args.chat_template_kwargs,
+            trust_remote_code=args.trust_remote_code,
+        )
+        self.reward_processing_classes = [
+            f.tokenizer if isinstance(f, RewardModelReward) else None for f in self.reward_funcs
+        ]
         self.reward_weights = reward_weights(args.reward_weights, len(self.reward_funcs))
         self.train_dataset = load_prompts(train_dataset)
         check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
