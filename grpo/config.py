@@ -103,7 +103,8 @@ _CHECKPOINTING = (
 _NOT_GRPO = "a supervised-training option that GRPO does not use"
 _LOADER = "prompts are sampled in-process; there is no DataLoader"
 _LOGGING = "mlx-grpo prints to the terminal and writes metrics.jsonl"
-_TRACKERS = "experiment trackers and hub logging of completions are not wired yet (metrics.jsonl holds every logged value)"
+_TRACKERS = "the completions table is printed (log_completions), not sent to trackers or the Hub"
+_TRACKIO_STATIC = "no static Trackio Space is created on the Hub after training (the run stays in trackio_space_id or the local store)"
 _EVAL = "evaluation samples completions and scores them with the reward functions"
 _HUB = "pushing to the Hugging Face Hub is not wired yet; upload output_dir with huggingface_hub"
 _BEST = "GRPO checkpoints are kept by step (save_total_limit), not by an evaluation metric"
@@ -295,9 +296,9 @@ class GRPOConfig:
     do_eval: bool = _script_field(False)
     do_predict: bool = _script_field(False)
     resume_from_checkpoint: str | None = _script_field(None)
-    run_name: str | None = _script_field(None)
-    project: str = _script_field("huggingface")
-    logging_dir: str | None = _script_field(None)
+    run_name: str | None = None
+    project: str = "huggingface"
+    logging_dir: str | None = None
 
     # -- accepted for TRL scripts, without effect on MLX (a warning names those set) --------
     use_vllm: bool = _ignored(False, _VLLM)
@@ -364,9 +365,9 @@ class GRPOConfig:
     include_num_input_tokens_seen: str = _ignored("no", "num_tokens is always logged")
     log_level: str = _ignored("passive", _LOGGING)
     log_level_replica: str = _ignored("warning", _LOGGING)
-    trackio_space_id: str | None = _ignored(None, _TRACKERS)
-    trackio_bucket_id: str | None = _ignored(None, _TRACKERS)
-    trackio_static_space_id: str | None = _ignored(None, _TRACKERS)
+    trackio_space_id: str | None = None
+    trackio_bucket_id: str | None = None
+    trackio_static_space_id: str | None = _ignored(None, _TRACKIO_STATIC)
     eval_delay: float = _ignored(0, _EVAL)
     prediction_loss_only: bool = _ignored(False, _EVAL)
     eval_do_concat_batches: bool = _ignored(True, _EVAL)

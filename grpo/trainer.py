@@ -74,6 +74,7 @@ from grpo.io.dist import (
 )
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
+from grpo.io.report import Reporters, resolve_report_to
 from grpo.io.reward_model import RewardModelReward
 from grpo.io.signals import InterruptGuard, TrainingInterrupted
 from grpo.rewards import resolve_reward_funcs
@@ -221,6 +222,7 @@ class GRPOTrainer:
         self.train_dataset = load_prompts(train_dataset)
         check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
+        self._report_to = resolve_report_to(args.report_to)  # unknown names fail here
         if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
             raise ValueError(
                 f"eval_strategy={args.eval_strategy!r}, eval_on_start={args.eval_on_start} "
@@ -601,6 +603,8 @@ class GRPOTrainer:
         done: Generation | None = None
         # A rank that raises (a reward function, a bad row) ends the whole job at once
         # instead of leaving its peers blocked in a collective.
+        # report_to's trackers (TensorBoard, W&B, Trackio) for this train() call, rank 0 only.
+        self._reporters = main_only(self.group, Reporters, self._report_to, args)
         with fail_fast(self.group), guard:
             try:
                 if self.flow.eval_on_start and self.global_step == 0:
@@ -629,6 +633,7 @@ class GRPOTrainer:
                     self.save_checkpoint()
             finally:
                 progress.close()
+                self._reporters.close()
         if guard.requested:
             saved = Path(args.output_dir) / f"checkpoint-{self.global_step}"
             raise TrainingInterrupted(
@@ -685,6 +690,7 @@ class GRPOTrainer:
         logs["epoch"] = float(self.sampler.epoch)
         record = {"step": step, **logs}
         writer.write(record)
+        self._reporters.log(step, record)
         self.log_history.append(record)
         self._callback("on_log", record)
         if self.args.log_completions and is_main_process(self.group):
@@ -703,6 +709,7 @@ class GRPOTrainer:
         metrics = self.evaluate()
         record = {"step": step, **metrics}
         writer.write(record)
+        self._reporters.log(step, record)
         self.log_history.append(record)
 
     # -- evaluation ------------------------------------------------------------------------
