@@ -72,6 +72,7 @@ from grpo.io.dist import (
     is_main_process,
     main_only,
 )
+from grpo.io.hub import HubRepo, base_model_id, model_card, tracker_urls
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
 from grpo.io.report import Reporters, resolve_report_to
@@ -223,6 +224,7 @@ class GRPOTrainer:
         check_reward_fns(self.reward_funcs, column_names(self.train_dataset) or [])
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
         self._report_to = resolve_report_to(args.report_to)  # unknown names fail here
+        self._hub = HubRepo(args)  # checks hub_strategy; the repository is created on first push
         if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
             raise ValueError(
                 f"eval_strategy={args.eval_strategy!r}, eval_on_start={args.eval_on_start} "
@@ -794,18 +796,80 @@ class GRPOTrainer:
                 extra_trees=self._extra_trees(),
             )
             ckpt.rotate_checkpoints(self.args.output_dir, keep=self.args.save_total_limit)
+            if self.args.push_to_hub:
+                self.create_model_card()
+                self._hub.push_checkpoint(path, (ckpt.ADAPTERS, ckpt.ADAPTER_CONFIG))
         barrier(self.group)
         self._callback("on_save", path)
         return path
 
-    def save_model(self, output_dir: str | Path | None = None) -> Path:
+    def save_model(
+        self, output_dir: str | Path | None = None, _internal_call: bool = False
+    ) -> Path:
         """Save the trained weights in mlx-lm's adapter format (``adapters.safetensors`` +
-        ``adapter_config.json``), loadable by ``mlx_lm.load(base, adapter_path=output_dir)``.
-        For a full fine-tune the file holds every weight (``fine_tune_type="full"``)."""
+        ``adapter_config.json``), loadable by ``mlx_lm.load(base, adapter_path=output_dir)``,
+        and TRL's model card (``README.md``). For a full fine-tune the file holds every
+        weight (``fine_tune_type="full"``). With ``push_to_hub`` it is then pushed, as
+        transformers' ``save_model`` does."""
         out = Path(output_dir or self.args.output_dir)
         if is_main_process(self.group):
             ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
+            self.create_model_card(output_dir=out)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
         return out
+
+    @property
+    def hub_model_id(self) -> str:
+        """The Hub repository (created on first access when ``push_to_hub``)."""
+        return self._hub.create() if self.args.push_to_hub else self._hub.name
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        *,
+        output_dir: str | Path | None = None,
+    ) -> Path:
+        """Write TRL's GRPO model card to ``output_dir/README.md`` (default ``args.output_dir``)."""
+        hub_id = self.args.hub_model_id
+        name = model_name or (
+            hub_id.split("/")[-1] if hub_id else Path(self.args.output_dir).absolute().name
+        )
+        card = model_card(
+            self.args,
+            base_model=base_model_id(self.base),
+            model_name=name,
+            hub_model_id=self.args.hub_model_id or name,
+            fine_tune_type=self._adapter_config().get("fine_tune_type", "lora"),
+            dataset_name=dataset_name,
+            tags=tags,
+            **tracker_urls(),
+        )
+        path = Path(output_dir or self.args.output_dir) / "README.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        card.save(str(path))
+        return path
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """Save the model and its card in ``output_dir`` and upload it to ``hub_model_id``
+        (transformers' ``Trainer.push_to_hub``; ``kwargs`` go to :meth:`create_model_card`).
+        Uploads are always blocking. Returns huggingface_hub's ``CommitInfo`` (rank 0)."""
+        if not is_main_process(self.group):
+            return None
+        self.save_model(_internal_call=True)
+        self.create_model_card(**kwargs)  # after save_model, whose card has no kwargs
+        return self._hub.push_output_dir(
+            commit_message=commit_message or "End of training", token=token, revision=revision
+        )
 
     def _extra_trees(self) -> dict:
         # A TR-DPO reference has moved away from the initial weights: keep it for resume.
