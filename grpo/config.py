@@ -104,9 +104,10 @@ _CHECKPOINTING = (
 _NOT_GRPO = "a supervised-training option that GRPO does not use"
 _LOADER = "prompts are sampled in-process; there is no DataLoader"
 _LOGGING = "mlx-grpo prints to the terminal and writes metrics.jsonl"
-_TRACKERS = "experiment trackers and hub logging of completions are not wired yet (metrics.jsonl holds every logged value)"
+_TRACKERS = "the completions table is printed (log_completions), not sent to trackers or the Hub"
+_TRACKIO_STATIC = "no static Trackio Space is created on the Hub after training (the run stays in trackio_space_id or the local store)"
 _EVAL = "evaluation samples completions and scores them with the reward functions"
-_HUB = "pushing to the Hugging Face Hub is not wired yet; upload output_dir with huggingface_hub"
+_HUB = "a transformers 4 name; set hub_model_id and hub_token"
 _BEST = "GRPO checkpoints are kept by step (save_total_limit), not by an evaluation metric"
 # generation_kwargs keys that override the sampling fields (as they override TRL's
 # GenerationConfig); temperature and the length are refused there because the loss must see
@@ -299,9 +300,9 @@ class GRPOConfig:
     do_eval: bool = _script_field(False)
     do_predict: bool = _script_field(False)
     resume_from_checkpoint: str | None = _script_field(None)
-    run_name: str | None = _script_field(None)
-    project: str = _script_field("huggingface")
-    logging_dir: str | None = _script_field(None)
+    run_name: str | None = None
+    project: str = "huggingface"
+    logging_dir: str | None = None
 
     # -- accepted for TRL scripts, without effect on MLX (a warning names those set) --------
     use_vllm: bool = _ignored(False, _VLLM)
@@ -368,9 +369,9 @@ class GRPOConfig:
     include_num_input_tokens_seen: str = _ignored("no", "num_tokens is always logged")
     log_level: str = _ignored("passive", _LOGGING)
     log_level_replica: str = _ignored("warning", _LOGGING)
-    trackio_space_id: str | None = _ignored(None, _TRACKERS)
-    trackio_bucket_id: str | None = _ignored(None, _TRACKERS)
-    trackio_static_space_id: str | None = _ignored(None, _TRACKERS)
+    trackio_space_id: str | None = None
+    trackio_bucket_id: str | None = None
+    trackio_static_space_id: str | None = _ignored(None, _TRACKIO_STATIC)
     eval_delay: float = _ignored(0, _EVAL)
     prediction_loss_only: bool = _ignored(False, _EVAL)
     eval_do_concat_batches: bool = _ignored(True, _EVAL)
@@ -385,13 +386,15 @@ class GRPOConfig:
     enable_jit_checkpoint: bool = _ignored(
         False, "Ctrl-C and SIGTERM always save a checkpoint at the next generation boundary"
     )
-    push_to_hub: bool = _ignored(False, _HUB)
-    hub_token: str | None = _ignored(None, _HUB)
-    hub_private_repo: bool | None = _ignored(None, _HUB)
-    hub_model_id: str | None = _ignored(None, _HUB)
-    hub_strategy: str = _ignored("every_save", _HUB)
-    hub_always_push: bool = _ignored(False, _HUB)
-    hub_revision: str | None = _ignored(None, _HUB)
+    push_to_hub: bool = False
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_model_id: str | None = None
+    hub_strategy: str = "every_save"
+    hub_always_push: bool = _ignored(
+        False, "uploads are blocking, so every push completes before training goes on"
+    )
+    hub_revision: str | None = None
     load_best_model_at_end: bool = _ignored(False, _BEST)
     metric_for_best_model: str | None = _ignored(None, _BEST)
     greater_is_better: bool | None = _ignored(None, _BEST)

@@ -14,7 +14,10 @@ name                range      meaning
 ==================  =========  ================================================================
 
 ``resolve_reward_funcs`` turns a spec (a callable, a built-in name, ``"module:function"``,
-``"path/to/file.py:function"``, a comma-separated string or a list of these) into callables.
+``"path/to/file.py:function"``, a reward model, a comma-separated string or a list of these)
+into callables. A reward model is, as in TRL, a sequence-classification checkpoint given by
+its path or hub id, or one loaded with :func:`grpo.io.reward_model.load_reward_model`; it
+scores on MLX (:class:`grpo.io.reward_model.RewardModelReward`).
 """
 
 from __future__ import annotations
@@ -228,6 +231,38 @@ def _import(spec: str) -> Callable:
     return obj
 
 
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _is_reward_model(item: Any) -> bool:
+    from grpo.io.reward_model import RewardModel, is_reward_model_dir
+
+    if isinstance(item, RewardModel):
+        return True
+    if not isinstance(item, str) or item.strip() in REWARD_FUNCS or ":" in item:
+        return False
+    path = Path(item.strip()).expanduser()
+    return is_reward_model_dir(path) if path.exists() else bool(_REPO_ID.match(item.strip()))
+
+
+def _reward_model(item: Any, processing_class: Any, options: dict) -> Callable:
+    from grpo.io.reward_model import (
+        RewardModelReward,
+        load_reward_model,
+        load_reward_tokenizer,
+    )
+
+    remote = options.get("trust_remote_code", False)
+    model = item
+    if isinstance(item, str):
+        model = load_reward_model(item.strip(), trust_remote_code=remote)
+    if processing_class is None:
+        processing_class = load_reward_tokenizer(model, trust_remote_code=remote)
+    return RewardModelReward(
+        model, processing_class, chat_template_kwargs=options.get("chat_template_kwargs")
+    )
+
+
 def _resolve_one(item: Any) -> Callable:
     if callable(item):
         return item
@@ -242,15 +277,33 @@ def _resolve_one(item: Any) -> Callable:
         return _import(name)
     raise ValueError(
         f"unknown reward function {name!r}; known built-ins: {', '.join(sorted(REWARD_FUNCS))} "
-        "(or pass a callable, 'module:function' or 'path/to/file.py:function')"
+        "(or pass a callable, 'module:function', 'path/to/file.py:function' or a reward "
+        "model's directory or hub id)"
     )
 
 
-def resolve_reward_funcs(spec: Callable | str | Sequence[Callable | str]) -> list[Callable]:
-    """Reward functions from a callable, a name, ``"module:function"``, a comma-separated
-    string of those, or a list mixing callables and strings."""
+def resolve_reward_funcs(
+    spec: Callable | str | Sequence[Callable | str],
+    processing_classes: Any = None,
+    *,
+    chat_template_kwargs: dict | None = None,
+    trust_remote_code: bool = False,
+) -> list[Callable]:
+    """Reward functions from a callable, a name, ``"module:function"``, a reward model (a
+    sequence-classification checkpoint's path or hub id, or a loaded
+    :class:`~grpo.io.reward_model.RewardModel`), a comma-separated string of those, or a list
+    mixing them.
+
+    ``processing_classes`` is TRL's ``reward_processing_classes``: one tokenizer (or a list
+    with one entry per reward function; entries of plain functions are ignored) used by the
+    reward model at the same position; ``None`` loads the tokenizer stored with the model.
+    """
+    from grpo.io.reward_model import RewardModel
+
     if isinstance(spec, str):
         items: list = [s for s in spec.split(",") if s.strip()]
+    elif isinstance(spec, RewardModel):
+        items = [spec]
     elif callable(spec):
         items = [spec]
     elif spec is None or isinstance(spec, (list, tuple)):
@@ -262,4 +315,17 @@ def resolve_reward_funcs(spec: Callable | str | Sequence[Callable | str]) -> lis
         )
     if not items:
         raise ValueError(f"no reward functions in {spec!r}")
-    return [_resolve_one(item) for item in items]
+    if processing_classes is None:
+        processing_classes = [None] * len(items)
+    elif not isinstance(processing_classes, (list, tuple)):
+        processing_classes = [processing_classes]
+    if len(processing_classes) != len(items):
+        raise ValueError(
+            f"The number of reward processing classes ({len(processing_classes)}) must match "
+            f"the number of reward functions ({len(items)})."
+        )
+    options = {"chat_template_kwargs": chat_template_kwargs, "trust_remote_code": trust_remote_code}
+    return [
+        _reward_model(item, pc, options) if _is_reward_model(item) else _resolve_one(item)
+        for item, pc in zip(items, processing_classes, strict=True)
+    ]

@@ -74,10 +74,14 @@ from grpo.io.dist import (
     is_main_process,
     main_only,
 )
+from grpo.io.hub import HubRepo, base_model_id, model_card, tracker_urls
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
 from grpo.io.model import Policy, load_model, prepare_policy
+from grpo.io.report import Reporters, resolve_report_to
+from grpo.io.reward_model import RewardModelReward
 from grpo.io.signals import InterruptGuard, SignalReceived, TrainingInterrupted
 from grpo.io.watch import RewardWatch
+from grpo.rewards import resolve_reward_funcs
 
 # Data parallelism under mlx.launch (docs/distributed.md) is supported (make_advantages takes
 # the group); tests/test_distributed.py reads this flag.
@@ -209,6 +213,7 @@ class GRPOTrainer:
         processing_class: Any = None,
         callbacks: Sequence[Any] | None = None,
         *,
+        reward_processing_classes: Any = None,
         tools: Sequence[Any] | None = None,
         rollout_func: Any = None,
         environment_factory: Any = None,
@@ -219,15 +224,27 @@ class GRPOTrainer:
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
         # Everything checkable without the model is checked before loading it.
         self._check_output_dir()
+        if reward_funcs is not None and reward_funcs != []:
+            reward_funcs = resolve_reward_funcs(
+                reward_funcs,
+                reward_processing_classes,
+                chat_template_kwargs=args.chat_template_kwargs,
+                trust_remote_code=args.trust_remote_code,
+            )
         self._setup_agent(reward_funcs, tools, rollout_func, environment_factory)
         train_dataset = agentic.placeholder_dataset(self, train_dataset)
         if train_dataset is None:
             raise ConfigError("train_dataset is required")
+        self.reward_processing_classes = [
+            f.tokenizer if isinstance(f, RewardModelReward) else None for f in self.reward_funcs
+        ]
         self.train_dataset = load_prompts(train_dataset)
         if self.rollout_func is None:  # a rollout_func may add the columns rewards read
             columns = column_names(self.train_dataset) or []
             check_reward_fns(self.reward_funcs, columns + agentic.extra_columns(self))
         self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
+        self._report_to = resolve_report_to(args.report_to)  # unknown names fail here
+        self._hub = HubRepo(args)  # checks hub_strategy; the repository is created on first push
         if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
             raise ConfigError(
                 f"eval_strategy={args.eval_strategy!r}, eval_on_start={args.eval_on_start} "
@@ -698,6 +715,8 @@ class GRPOTrainer:
         guard = InterruptGuard(enabled=not D.is_distributed(self.group))
         # A rank that raises (a reward function, a bad row) ends the whole job at once
         # instead of leaving its peers blocked in a collective.
+        # report_to's trackers (TensorBoard, W&B, Trackio) for this train() call, rank 0 only.
+        self._reporters = main_only(self.group, Reporters, self._report_to, args)
         with fail_fast(self.group), guard:
             try:
                 self.training_started = True
@@ -732,6 +751,7 @@ class GRPOTrainer:
                 raise
             finally:
                 progress.close()
+                self._reporters.close()
         if guard.requested:
             saved = Path(args.output_dir) / f"checkpoint-{self.global_step}"
             raise TrainingInterrupted(
@@ -806,6 +826,7 @@ class GRPOTrainer:
         logs["epoch"] = float(self.sampler.epoch)
         record = {"step": step, **logs}
         writer.write(record)
+        self._reporters.log(step, record)
         self.log_history.append(record)
         self._callback("on_log", record)
         if self.args.log_completions and is_main_process(self.group):
@@ -824,6 +845,7 @@ class GRPOTrainer:
         metrics = self.evaluate()
         record = {"step": step, **metrics}
         writer.write(record)
+        self._reporters.log(step, record)
         self.log_history.append(record)
 
     # -- evaluation ------------------------------------------------------------------------
@@ -925,18 +947,80 @@ class GRPOTrainer:
             ckpt.rotate_checkpoints(
                 self.args.output_dir, keep=self.args.save_total_limit, run_id=self.run_id
             )
+            if self.args.push_to_hub:
+                self.create_model_card()
+                self._hub.push_checkpoint(path, (ckpt.ADAPTERS, ckpt.ADAPTER_CONFIG))
         barrier(self.group)
         self._callback("on_save", path)
         return path
 
-    def save_model(self, output_dir: str | Path | None = None) -> Path:
+    def save_model(
+        self, output_dir: str | Path | None = None, _internal_call: bool = False
+    ) -> Path:
         """Save the trained weights in mlx-lm's adapter format (``adapters.safetensors`` +
-        ``adapter_config.json``), loadable by ``mlx_lm.load(base, adapter_path=output_dir)``.
-        For a full fine-tune the file holds every weight (``fine_tune_type="full"``)."""
+        ``adapter_config.json``), loadable by ``mlx_lm.load(base, adapter_path=output_dir)``,
+        and TRL's model card (``README.md``). For a full fine-tune the file holds every
+        weight (``fine_tune_type="full"``). With ``push_to_hub`` it is then pushed, as
+        transformers' ``save_model`` does."""
         out = Path(output_dir or self.args.output_dir)
         if is_main_process(self.group):
             ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
+            self.create_model_card(output_dir=out)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
         return out
+
+    @property
+    def hub_model_id(self) -> str:
+        """The Hub repository (created on first access when ``push_to_hub``)."""
+        return self._hub.create() if self.args.push_to_hub else self._hub.name
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        *,
+        output_dir: str | Path | None = None,
+    ) -> Path:
+        """Write TRL's GRPO model card to ``output_dir/README.md`` (default ``args.output_dir``)."""
+        hub_id = self.args.hub_model_id
+        name = model_name or (
+            hub_id.split("/")[-1] if hub_id else Path(self.args.output_dir).absolute().name
+        )
+        card = model_card(
+            self.args,
+            base_model=base_model_id(self.base),
+            model_name=name,
+            hub_model_id=self.args.hub_model_id or name,
+            fine_tune_type=self._adapter_config().get("fine_tune_type", "lora"),
+            dataset_name=dataset_name,
+            tags=tags,
+            **tracker_urls(),
+        )
+        path = Path(output_dir or self.args.output_dir) / "README.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        card.save(str(path))
+        return path
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ):
+        """Save the model and its card in ``output_dir`` and upload it to ``hub_model_id``
+        (transformers' ``Trainer.push_to_hub``; ``kwargs`` go to :meth:`create_model_card`).
+        Uploads are always blocking. Returns huggingface_hub's ``CommitInfo`` (rank 0)."""
+        if not is_main_process(self.group):
+            return None
+        self.save_model(_internal_call=True)
+        self.create_model_card(**kwargs)  # after save_model, whose card has no kwargs
+        return self._hub.push_output_dir(
+            commit_message=commit_message or "End of training", token=token, revision=revision
+        )
 
     def _extra_trees(self) -> dict:
         # A TR-DPO reference has moved away from the initial weights: keep it for resume.

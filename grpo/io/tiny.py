@@ -123,3 +123,42 @@ def build_tiny_model(
     (path / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(path)
     return path
+
+
+def build_tiny_reward_model(
+    path: str | Path,
+    *,
+    size: str = "test",
+    seed: int = 0,
+    model_type: str = "llama",
+    score_scale: float = 1.0,
+) -> Path:
+    """Write a seeded sequence-classification checkpoint laid out as transformers writes one
+    (``*ForSequenceClassification``, ``num_labels`` 1, weights ``model.*`` and
+    ``score.weight``, no LM head), with the character tokenizer."""
+    import importlib
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model_config(size, model_type=model_type)
+    arch = importlib.import_module(f"mlx_lm.models.{model_type}")
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    weights = {k: v for k, v in seeded_weights(model, seed).items() if k.startswith("model.")}
+    key, bias_key = mx.random.split(mx.random.key(seed + 1))
+    biases = sorted(k for k in weights if k.endswith(".bias"))
+    # Non-zero q/k/v biases (qwen2), so a forward that drops them disagrees.
+    for name, sub in zip(biases, mx.random.split(bias_key, max(len(biases), 1)), strict=False):
+        weights[name] = 0.02 * mx.random.normal(weights[name].shape, key=sub)
+    hidden = config["hidden_size"]
+    weights["score.weight"] = score_scale * mx.random.normal((1, hidden), key=key) / hidden**0.5
+    name = "Qwen2" if model_type == "qwen2" else "Llama"
+    config.update(
+        architectures=[f"{name}ForSequenceClassification"],
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+        pad_token_id=tokenizer_vocab()["<|endoftext|>"],
+    )
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    build_tokenizer(path)
+    return path
