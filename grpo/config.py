@@ -146,10 +146,13 @@ class GRPOConfig:
     one optimizer step (``max_steps``, ``logging_steps``, ``save_steps`` count optimizer steps).
 
     Defaults that differ from TRL's:
-        - ``use_lora=True`` (new): train LoRA adapters (mlx-lm's ``linear_to_lora_layers``)
-          instead of every weight. ``lora_rank=16``, ``lora_alpha=32`` follow TRL's
-          ``ModelConfig``; ``lora_dropout=0.0`` (TRL ``ModelConfig``: 0.05) so that rollout,
-          reference and policy forwards agree exactly by default.
+        - ``use_lora=None`` (new): what trains follows TRL: every weight, unless the trainer
+          gets a ``peft_config`` (LoRA with its settings), continues adapters
+          (``adapter_path``) or quantizes the base. ``True`` / ``False`` force LoRA / a full
+          fine-tune; the ``grpo`` CLI defaults to ``True`` for memory. Without a
+          ``peft_config``, ``lora_rank=16``, ``lora_alpha=32`` follow TRL's ``ModelConfig``;
+          ``lora_dropout=0.0`` (TRL ``ModelConfig``: 0.05) so that rollout, reference and
+          policy forwards agree exactly by default.
         - ``max_prompt_length=512``: TRL 1.16 removed the field (earlier TRL: 512); prompts
           longer than this keep their last tokens (left truncation, as TRL did).
           ``max_prompt_length=None`` truncates nothing (TRL 1.16): a prompt that does not fit
@@ -179,7 +182,7 @@ class GRPOConfig:
     """
 
     # -- model and LoRA --------------------------------------------------------------------
-    use_lora: bool = True
+    use_lora: bool | None = None
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -798,7 +801,7 @@ def _check_controllers(cfg: GRPOConfig, errors: _Errors):
             "nothing to synchronize; set beta > 0 or sync_ref_model=False",
         )
         errors.check(
-            not cfg.use_lora,
+            cfg.use_lora is not True,
             "sync_ref_model=True with LoRA (use_lora=True): the reference is the base model "
             "with adapters off, which a sync cannot move (TRL refuses it with PEFT too); use "
             "use_lora=False or sync_ref_model=False",
@@ -878,7 +881,7 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
             f"quantize_bits={cfg.quantize_bits!r}",
         )
         errors.check(
-            cfg.use_lora,
+            cfg.use_lora is not False,
             f"quantize_bits={cfg.quantize_bits} (QLoRA) needs use_lora=True: quantized base "
             "weights cannot be fine-tuned directly",
         )
