@@ -855,7 +855,36 @@ def ignored_settings(cfg: GRPOConfig) -> list[str]:
     return out
 
 
+def trl_warnings(cfg: GRPOConfig) -> list[str]:
+    """The warnings TRL's GRPOTrainer gives for these settings, in its words."""
+    out = []
+    if cfg.loss_type == "luspo" and cfg.importance_sampling_level != "sequence":
+        out.append(
+            "When using `'luspo'` loss, `importance_sampling_level` should be set to "
+            "`'sequence'` to mirror the paper's setup."
+        )
+    if cfg.loss_type == "vespo" and cfg.importance_sampling_level != "token":
+        out.append(
+            "VESPO computes sequence-level importance weights internally. "
+            "`importance_sampling_level` should be set to `'token'` (the default)."
+        )
+    if cfg.importance_sampling_level == "sequence" and cfg.loss_type in (
+        "bnpo", "dr_grpo", "dapo", "cispo",
+    ):  # fmt: skip
+        out.append(
+            f"When using `importance_sampling_level='sequence'`, the `'{cfg.loss_type}'` loss "
+            "sums per-token contributions, which effectively weights each sequence by its "
+            "completion length instead of optimizing the per-sequence objective. To reproduce "
+            "the GSPO paper's setup, set `loss_type='grpo'`."
+        )
+    return out
+
+
 def _warn_ignored(cfg: GRPOConfig) -> None:
+    for message in trl_warnings(cfg):
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(message, UserWarning, stacklevel=4)
     items = ignored_settings(cfg)
     message = "GRPOConfig: ignored on MLX: " + "; ".join(items)
     if items and message not in _WARNED:

@@ -166,6 +166,13 @@ class Generation:
 REF_MODEL = "ref_model.safetensors"
 
 
+def _load_eval(eval_dataset: Any) -> Any:
+    # A dict of eval sets (a DatasetDict included) is evaluated set by set, as in TRL.
+    if isinstance(eval_dataset, dict):
+        return {name: load_prompts(part) for name, part in eval_dataset.items()}
+    return load_prompts(eval_dataset)
+
+
 def _check_optimizers(optimizers: Any) -> Any:
     # TRL's (optimizer, lr_scheduler) pair: an mlx.optimizers optimizer (its own learning
     # rate or schedule included) replaces the one built from the config.
@@ -255,7 +262,7 @@ class GRPOTrainer:
         if self.rollout_func is None:  # a rollout_func may add the columns rewards read
             columns = column_names(self.train_dataset) or []
             check_reward_fns(self.reward_funcs, columns + agentic.extra_columns(self))
-        self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
+        self.eval_dataset = None if eval_dataset is None else _load_eval(eval_dataset)
         if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
             raise ConfigError(
                 f"eval_strategy={args.eval_strategy!r}, eval_on_start={args.eval_on_start} "
@@ -898,21 +905,31 @@ class GRPOTrainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
-        """Mean reward per function on the eval set (``eval_rewards/<fn>/mean``, ``eval_reward``).
+    def evaluate(
+        self, eval_dataset: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """TRL's evaluation: the training metrics on the eval set, prefixed ``eval_``.
 
-        Every eval prompt is used once, in order, with ``num_generations_eval`` (default
-        ``num_generations``) completions each, sampled from a fixed key so evaluations at
-        different steps are comparable and the training RNG is untouched.
+        ``eval_loss``, ``eval_reward``, ``eval_rewards/<fn>/mean``, ``eval_kl``,
+        ``eval_entropy``, ``eval_completions/...``: every eval prompt is used once, in order,
+        with ``num_generations_eval`` (default ``num_generations``) completions each, sampled
+        from a fixed key so evaluations at different steps are comparable and the training
+        RNG is untouched. A dict of eval sets (or a ``DatasetDict``) evaluates each under
+        ``eval_<name>_``.
         """
-        dataset = self.eval_dataset if eval_dataset is None else load_prompts(eval_dataset)
+        dataset = self.eval_dataset if eval_dataset is None else _load_eval(eval_dataset)
         if self.rollout_func is not None or self._tool_loop is not None:
-            raise NotImplementedError(
+            raise ConfigError(
                 "evaluate() samples single-turn completions; with tools, environments or a "
                 "rollout_func it is not supported yet"
             )
         if dataset is None:
             raise ConfigError("evaluate() needs an eval_dataset (here or in the constructor)")
+        if isinstance(dataset, dict):
+            out = {}
+            for name, part in dataset.items():
+                out.update(self.evaluate(part, metric_key_prefix=f"{metric_key_prefix}_{name}"))
+            return out
         G = self.args.num_generations_eval or self.args.num_generations
         B = max(1, self.args.per_device_eval_batch_size // G)
         sampling = attrs.evolve(self.sampling, group_size=G)
@@ -954,10 +971,24 @@ class GRPOTrainer:
             m = reward_metrics(
                 scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
             )
-            per_chunk.append({k: v for k, v in m.items() if k.endswith("/mean") or k == "reward"})
-        out = {f"eval_{k}": v for k, v in average_metrics(per_chunk).items()}
+            m.update(_completion_metrics(roll, None))
+            m.update(self._eval_loss(roll, adv.advantages))
+            per_chunk.append(m)
+        out = {f"{metric_key_prefix}_{k}": v for k, v in average_metrics(per_chunk).items()}
         self._callback("on_evaluate", out)
         return out
+
+    def _eval_loss(self, roll: Rollout, advantages: mx.array) -> dict[str, float]:
+        # The training loss and its metrics on an eval chunk, without a gradient or update.
+        self.model.eval()
+        try:
+            batch = self._loss_batch(self._pad(roll), advantages)
+            loss, metrics = self._loss_fn(self.train_state.params, batch)
+            mx.eval(loss, metrics)
+        finally:
+            self.model.update(self.train_state.params)
+            self.model.train()
+        return {"loss": float(loss.item()), **{k: float(v.item()) for k, v in metrics.items()}}
 
     # -- saving ----------------------------------------------------------------------------
 

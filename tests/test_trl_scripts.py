@@ -212,3 +212,40 @@ def test_peft_config_and_optimizers_arguments(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="optimizers\\[1\\]"):
         GRPOTrainer(str(tiny_model_dir), _lowercase, args=_cfg(tmp_path), train_dataset=PROMPTS,
                     optimizers=(None, object()))  # fmt: skip
+
+
+def test_evaluate_reports_the_training_metrics_prefixed(tiny_model_dir, tmp_path):
+    trainer = GRPOTrainer(str(tiny_model_dir), _lowercase, args=_cfg(tmp_path, beta=0.04),
+                          train_dataset=PROMPTS,
+                          eval_dataset={"small": PROMPTS[:2], "more": PROMPTS[2:6]})  # fmt: skip
+    trainer.train()
+    out = trainer.evaluate()
+    train_keys = {k for k in trainer.state.log_history[-1] if k not in ("step", "epoch")}
+    for name in ("small", "more"):
+        keys = {k.removeprefix(f"eval_{name}_") for k in out if k.startswith(f"eval_{name}_")}
+        assert {"loss", "reward", "kl", "entropy", "completions/mean_length"} <= keys
+        assert {"rewards/_lowercase/mean", "reward_std"} <= keys
+        assert keys <= train_keys | {"rewards/_lowercase/std"}, keys - train_keys
+    # The same model and eval key: evaluating twice gives the same numbers.
+    assert trainer.evaluate(PROMPTS[:2]) == trainer.evaluate(PROMPTS[:2])
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees GRPOConfig's once-per-process warnings afresh."""
+    import grpo.config
+
+    monkeypatch.setattr(grpo.config, "_WARNED", set())
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        (dict(loss_type="dapo", importance_sampling_level="sequence"), "GSPO paper"),
+        (dict(loss_type="luspo"), "mirror the paper"),
+        (dict(loss_type="vespo", importance_sampling_level="sequence"), "VESPO computes"),
+    ],
+)
+def test_trl_warnings(kw, needle):
+    with pytest.warns(UserWarning, match=needle):
+        GRPOConfig(**kw, seed=17)
