@@ -92,14 +92,14 @@ def _transformers_style(method) -> bool:
 _EVENT_KWARGS = {"on_log": "logs", "on_evaluate": "metrics"}
 
 
-def dispatch(trainer: Any, event: str, *args: Any) -> TrainerControl:
-    """Call ``event`` on every callback of ``trainer``; returns the shared control.
+def dispatch(trainer: Any, event: str, *args: Any, callbacks=None) -> TrainerControl:
+    """Call ``event`` on ``callbacks`` (default: the trainer's); returns the shared control.
 
     ``args`` are the legacy positional arguments (``step, metrics`` for ``on_step_end``,
     ``logs`` for ``on_log``, ``path`` for ``on_save``, ``metrics`` for ``on_evaluate``).
     """
     control = trainer.control
-    for cb in trainer.callbacks:
+    for cb in trainer.callbacks if callbacks is None else callbacks:
         fn = getattr(cb, event, None)
         if fn is None:
             continue

@@ -75,7 +75,7 @@ def _unknown_flags(parser: argparse.ArgumentParser, words: list[str]) -> str:
 # One line per GRPOConfig field for `grpo train --help` and docs/api.md (a test checks that
 # every field has one).
 FIELD_HELP: dict[str, str] = {
-    "use_lora": "Train LoRA adapters (mlx-lm `linear_to_lora_layers`) instead of every weight.",
+    "use_lora": "Train LoRA adapters (mlx-lm `linear_to_lora_layers`) instead of every weight. The CLI defaults to true (memory); in Python, `None` follows TRL: every weight unless `peft_config` is given.",
     "lora_rank": "LoRA rank `r`.",
     "lora_alpha": "LoRA alpha; the adapter scale is `lora_alpha / lora_rank`.",
     "lora_dropout": "Dropout on the LoRA input (0 keeps rollout, reference and policy forwards identical).",
@@ -549,7 +549,9 @@ class Run:
             _check_local(str(self.model), "model")
         if self.adapter_path is not None and not Path(self.adapter_path).expanduser().is_dir():
             raise UsageError(f"--adapter_path: no such directory: {self.adapter_path}")
-        base = dict(default_job.DEFAULT_TRAIN_ARGS) if self.default_model else {}
+        # The CLI trains LoRA adapters unless told otherwise (memory); the Python API follows
+        # TRL (every weight unless a peft_config). The default job fine-tunes its tiny model.
+        base = dict(default_job.DEFAULT_TRAIN_ARGS) if self.default_model else {"use_lora": True}
         if command == "eval" and self.default_model:
             base["per_device_eval_batch_size"] = 64
         adapter = {"adapter_path": str(self.adapter_path)} if command == "train" else {}

@@ -147,10 +147,13 @@ class GRPOConfig:
     one optimizer step (``max_steps``, ``logging_steps``, ``save_steps`` count optimizer steps).
 
     Defaults that differ from TRL's:
-        - ``use_lora=True`` (new): train LoRA adapters (mlx-lm's ``linear_to_lora_layers``)
-          instead of every weight. ``lora_rank=16``, ``lora_alpha=32`` follow TRL's
-          ``ModelConfig``; ``lora_dropout=0.0`` (TRL ``ModelConfig``: 0.05) so that rollout,
-          reference and policy forwards agree exactly by default.
+        - ``use_lora=None`` (new): what trains follows TRL: every weight, unless the trainer
+          gets a ``peft_config`` (LoRA with its settings), continues adapters
+          (``adapter_path``) or quantizes the base. ``True`` / ``False`` force LoRA / a full
+          fine-tune; the ``grpo`` CLI defaults to ``True`` for memory. Without a
+          ``peft_config``, ``lora_rank=16``, ``lora_alpha=32`` follow TRL's ``ModelConfig``;
+          ``lora_dropout=0.0`` (TRL ``ModelConfig``: 0.05) so that rollout, reference and
+          policy forwards agree exactly by default.
         - ``max_prompt_length=512``: TRL 1.16 removed the field (earlier TRL: 512); prompts
           longer than this keep their last tokens (left truncation, as TRL did).
           ``max_prompt_length=None`` truncates nothing (TRL 1.16): a prompt that does not fit
@@ -180,7 +183,7 @@ class GRPOConfig:
     """
 
     # -- model and LoRA --------------------------------------------------------------------
-    use_lora: bool = True
+    use_lora: bool | None = None
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -801,7 +804,7 @@ def _check_controllers(cfg: GRPOConfig, errors: _Errors):
             "nothing to synchronize; set beta > 0 or sync_ref_model=False",
         )
         errors.check(
-            not cfg.use_lora,
+            cfg.use_lora is not True,
             "sync_ref_model=True with LoRA (use_lora=True): the reference is the base model "
             "with adapters off, which a sync cannot move (TRL refuses it with PEFT too); use "
             "use_lora=False or sync_ref_model=False",
@@ -855,7 +858,36 @@ def ignored_settings(cfg: GRPOConfig) -> list[str]:
     return out
 
 
+def trl_warnings(cfg: GRPOConfig) -> list[str]:
+    """The warnings TRL's GRPOTrainer gives for these settings, in its words."""
+    out = []
+    if cfg.loss_type == "luspo" and cfg.importance_sampling_level != "sequence":
+        out.append(
+            "When using `'luspo'` loss, `importance_sampling_level` should be set to "
+            "`'sequence'` to mirror the paper's setup."
+        )
+    if cfg.loss_type == "vespo" and cfg.importance_sampling_level != "token":
+        out.append(
+            "VESPO computes sequence-level importance weights internally. "
+            "`importance_sampling_level` should be set to `'token'` (the default)."
+        )
+    if cfg.importance_sampling_level == "sequence" and cfg.loss_type in (
+        "bnpo", "dr_grpo", "dapo", "cispo",
+    ):  # fmt: skip
+        out.append(
+            f"When using `importance_sampling_level='sequence'`, the `'{cfg.loss_type}'` loss "
+            "sums per-token contributions, which effectively weights each sequence by its "
+            "completion length instead of optimizing the per-sequence objective. To reproduce "
+            "the GSPO paper's setup, set `loss_type='grpo'`."
+        )
+    return out
+
+
 def _warn_ignored(cfg: GRPOConfig) -> None:
+    for message in trl_warnings(cfg):
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(message, UserWarning, stacklevel=4)
     items = ignored_settings(cfg)
     message = "GRPOConfig: ignored on MLX: " + "; ".join(items)
     if items and message not in _WARNED:
@@ -881,7 +913,7 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
             f"quantize_bits={cfg.quantize_bits!r}",
         )
         errors.check(
-            cfg.use_lora,
+            cfg.use_lora is not False,
             f"quantize_bits={cfg.quantize_bits} (QLoRA) needs use_lora=True: quantized base "
             "weights cannot be fine-tuned directly",
         )

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from grpo import agentic
+from grpo.callbacks import TrainerControl, TrainerState, dispatch
 from grpo.config import GRPOConfig
 from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
@@ -76,11 +77,12 @@ from grpo.io.dist import (
 )
 from grpo.io.hub import HubRepo, base_model_id, model_card, tracker_urls
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
-from grpo.io.model import Policy, load_model, prepare_policy
+from grpo.io.model import Policy, load_model, lora_layers, prepare_policy
 from grpo.io.report import Reporters, resolve_report_to
 from grpo.io.reward_model import RewardModelReward
 from grpo.io.signals import InterruptGuard, SignalReceived, TrainingInterrupted
 from grpo.io.watch import RewardWatch
+from grpo.peft_compat import resolve_lora
 from grpo.rewards import resolve_reward_funcs
 
 # Data parallelism under mlx.launch (docs/distributed.md) is supported (make_advantages takes
@@ -168,6 +170,49 @@ class Generation:
 REF_MODEL = "ref_model.safetensors"
 
 
+def _load_eval(eval_dataset: Any) -> Any:
+    # A dict of eval sets (a DatasetDict included) is evaluated set by set, as in TRL.
+    if isinstance(eval_dataset, dict):
+        return {name: load_prompts(part) for name, part in eval_dataset.items()}
+    return load_prompts(eval_dataset)
+
+
+def _quantize_bits(quantization_config: Any) -> int:
+    # A transformers BitsAndBytesConfig (or an object with its flags): QLoRA on mlx's own
+    # affine quantization of the same width.
+    if getattr(quantization_config, "load_in_4bit", False):
+        return 4
+    if getattr(quantization_config, "load_in_8bit", False):
+        return 8
+    raise ConfigError(
+        "quantization_config must set load_in_4bit or load_in_8bit (mlx quantizes the base to "
+        f"that width); got {quantization_config!r}"
+    )
+
+
+def _check_optimizers(optimizers: Any) -> Any:
+    # TRL's (optimizer, lr_scheduler) pair: an mlx.optimizers optimizer (its own learning
+    # rate or schedule included) replaces the one built from the config.
+    import mlx.optimizers as optim
+
+    if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
+        raise ConfigError(
+            f"optimizers must be a pair (optimizer, lr_scheduler), got {optimizers!r}"
+        )
+    optimizer, scheduler = optimizers
+    if optimizer is not None and not isinstance(optimizer, optim.Optimizer):
+        raise ConfigError(
+            f"optimizers[0] must be an mlx.optimizers.Optimizer, got {type(optimizer).__name__} "
+            "(a PyTorch optimizer cannot update MLX arrays; pass None to use optim=...)"
+        )
+    if scheduler is not None:
+        raise ConfigError(
+            "optimizers[1] (a PyTorch LR scheduler) is not supported: give the mlx optimizer "
+            "a schedule (learning_rate=callable) or set lr_scheduler_type"
+        )
+    return optimizer
+
+
 class GRPOTrainer:
     """Group Relative Policy Optimization with TRL's interface, on MLX.
 
@@ -211,17 +256,22 @@ class GRPOTrainer:
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
-        callbacks: Sequence[Any] | None = None,
-        *,
         reward_processing_classes: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
         tools: Sequence[Any] | None = None,
         rollout_func: Any = None,
         environment_factory: Any = None,
+        *,
         group: Any = "auto",
     ):
         self.args = args = GRPOConfig() if args is None else args
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
+        if quantization_config is not None:
+            self.args = args = attrs.evolve(args, quantize_bits=_quantize_bits(quantization_config))
         # Everything checkable without the model is checked before loading it.
         self._check_output_dir()
         if reward_funcs is not None and reward_funcs != []:
@@ -242,7 +292,7 @@ class GRPOTrainer:
         if self.rollout_func is None:  # a rollout_func may add the columns rewards read
             columns = column_names(self.train_dataset) or []
             check_reward_fns(self.reward_funcs, columns + agentic.extra_columns(self))
-        self.eval_dataset = None if eval_dataset is None else load_prompts(eval_dataset)
+        self.eval_dataset = None if eval_dataset is None else _load_eval(eval_dataset)
         self._report_to = resolve_report_to(args.report_to)  # unknown names fail here
         self._hub = HubRepo(args)  # checks hub_strategy; the repository is created on first push
         if self.eval_dataset is None and (args.eval_strategy != "no" or args.eval_on_start):
@@ -251,6 +301,16 @@ class GRPOTrainer:
                 "need an eval_dataset; pass eval_dataset=... or set eval_strategy='no'"
             )
         self.model, self.processing_class, self.base = self._load(model, processing_class)
+        self.args = args = resolve_lora(
+            args, peft_config, self.model, has_lora=bool(lora_layers(self.model))
+        )
+        if args.sync_ref_model and args.use_lora:
+            raise ConfigError(
+                "sync_ref_model=True with LoRA (a peft_config or adapters): the reference is "
+                "the base model with adapters off, which a sync cannot move; train every "
+                "weight or set sync_ref_model=False"
+            )
+        self._custom_optimizer = _check_optimizers(optimizers)
         self.callbacks = list(callbacks or [])
         self._join(group)
         self.encoder = self._make_encoder()
@@ -259,7 +319,19 @@ class GRPOTrainer:
         self.sampler = self._make_sampler()
         self._init_training()
         self.num_tokens = 0
-        self.log_history: list[dict] = []
+        self._state_view = TrainerState(
+            self.train_state,
+            max_steps=self.max_steps,
+            num_train_epochs=args.num_train_epochs,
+            logging_steps=self.flow.logging_steps,
+            eval_steps=self.flow.eval_steps,
+            save_steps=self.flow.save_steps,
+            train_batch_size=args.per_device_train_batch_size,
+            is_world_process_zero=self.rank == 0,
+            is_local_process_zero=self.rank == 0,
+        )
+        self.log_history: list[dict] = self._state_view.log_history
+        self.control = TrainerControl()
         # A callback may set this; training stops at the next generation-batch boundary
         # (after any checkpoint due there), like transformers' control.should_training_stop.
         self.should_stop = False
@@ -361,10 +433,14 @@ class GRPOTrainer:
             if per_epoch is None
             else per_epoch * args.optimizer_steps_per_generation,
         )
-        self.optimizer = make_optimizer(
-            args, total_steps=self.max_steps, decay_names=decay_parameter_names(self.model)
+        self.optimizer = (
+            make_optimizer(
+                args, total_steps=self.max_steps, decay_names=decay_parameter_names(self.model)
+            )
+            if self._custom_optimizer is None
+            else self._custom_optimizer
         )
-        self.state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
+        self.train_state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
         self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
         self.loss_config = args.to_loss_config()
         self._advantages = self._make_advantages(args.num_generations)
@@ -436,7 +512,7 @@ class GRPOTrainer:
 
     @property
     def global_step(self) -> int:
-        return int(self.state.step.item())
+        return int(self.train_state.step.item())
 
     @property
     def reward_names(self) -> tuple[str, ...]:
@@ -518,7 +594,7 @@ class GRPOTrainer:
         out = mx.concatenate(parts, axis=0)
         mx.eval(out)
         self.model.train()
-        self.model.update(self.state.params)  # drop the trace's placeholders from the model
+        self.model.update(self.train_state.params)  # drop the trace's placeholders from the model
         return out
 
     def _loss_batch(
@@ -552,7 +628,7 @@ class GRPOTrainer:
             old = (
                 roll.logprobs
                 if _temperature_only(self.args) and sampled_logprobs
-                else self._per_micro(self._logprobs, self.state.params, batch)
+                else self._per_micro(self._logprobs, self.train_state.params, batch)
             )
             batch = batch._replace(old_logprobs=old)
         return batch
@@ -571,7 +647,11 @@ class GRPOTrainer:
             )
         else:
             roll = rollout(
-                self.state.params, key, prompts.prompt_ids, model=self.model, sampling=self.sampling
+                self.train_state.params,
+                key,
+                prompts.prompt_ids,
+                model=self.model,
+                sampling=self.sampling,
             )
             out, tool_mask, prompt_list, columns = None, None, prompts.prompts, prompts.columns
         adv, metrics, table = self._score(
@@ -615,18 +695,18 @@ class GRPOTrainer:
             )
             K = window.completion_mask.shape[0]
             window = window._replace(entropy_coef=mx.full((K,), coef, mx.float32))
-        state, metrics = self._train_step(self.state, window)
+        state, metrics = self._train_step(self.train_state, window)
         metrics = D.reduce_metrics(metrics, group=self.group)
         mx.eval(state, metrics)
         values = {k: float(v.item()) for k, v in metrics.items()}
         step = self.global_step + 1
         for name in ("loss", "grad_norm"):
             if not math.isfinite(values[name]):
-                self.model.update(self.state.params)
+                self.model.update(self.train_state.params)
                 raise NonFiniteError(
                     f"non-finite {name}={values[name]} at step {step}; the update was not applied"
                 )
-        self.state = state
+        self.train_state = state
         self.model.update(state.params)  # the compiled step leaves placeholders in the model
         self._after_step(values)
         return values
@@ -646,16 +726,24 @@ class GRPOTrainer:
             values["entropy_coef"] = self.entropy_coef
         if args.sync_ref_model and self.global_step % args.ref_model_sync_steps == 0:
             ref = sync_reference(
-                self.policy.ref_params, self.state.params, alpha=args.ref_model_mixup_alpha
+                self.policy.ref_params, self.train_state.params, alpha=args.ref_model_mixup_alpha
             )
             mx.eval(ref)
             self.policy = attrs.evolve(self.policy, ref_params=ref)
 
     def _callback(self, event: str, *args) -> None:
-        for cb in [*self.callbacks, *self._hooks]:
-            fn = getattr(cb, event, None)
-            if fn is not None:
-                fn(self, *args)
+        dispatch(self, event, *args, callbacks=[*self.callbacks, *self._hooks])
+
+    @property
+    def state(self) -> TrainerState:
+        """transformers' ``TrainerState`` of the run (``global_step``, ``max_steps``,
+        ``epoch``, ``log_history``, ...); the arrays read through (``state.params``,
+        ``state.opt_state``, ``state.key``, ``state.step``; ``state.train`` is the
+        :class:`grpo.core.state.TrainState`)."""
+        view = self._state_view
+        view.train = self.train_state
+        view.epoch = float(self.sampler.epoch)
+        return view
 
     # -- train -----------------------------------------------------------------------------
 
@@ -706,6 +794,7 @@ class GRPOTrainer:
             enabled=not args.disable_tqdm and main,
         )
         self.should_stop = False
+        self.control = TrainerControl()
         self._callback("on_train_begin")
         last: dict[str, float] = {}
         saved_at = self.global_step
@@ -729,6 +818,8 @@ class GRPOTrainer:
                     self.num_tokens += gen.num_tokens
                     before = self.global_step
                     last = self._run_generation(gen, writer, progress) or last
+                    if self.flow.epoch_ended(before, self.global_step):
+                        self._callback("on_epoch_end")
                     if self.flow.log_at_boundary(before, self.global_step) and self._window:
                         last = self._log(self._window, writer, self.global_step, gen) or last
                         self._window = []
@@ -776,16 +867,16 @@ class GRPOTrainer:
 
     def _next_generation(self, guard: InterruptGuard) -> Generation | None:
         """The next scored generation batch; ``None`` if a signal abandoned it (rolled back)."""
-        state, sampler = self.state, self.sampler.state_dict()
+        state, sampler = self.train_state, self.sampler.state_dict()
         try:
             with guard.abandonable():
-                key, sub = mx.random.split(self.state.key)
-                self.state = self.state._replace(key=key)
+                key, sub = mx.random.split(self.train_state.key)
+                self.train_state = self.train_state._replace(key=key)
                 return self._generate(sub)
         except BaseException as e:
             # Back to the generation boundary, so a checkpoint saved now (on an interrupt,
             # or the last good state after an error) replays this batch when resumed.
-            self.state = state
+            self.train_state = state
             self.sampler.load_state_dict(sampler)
             self.model.update(state.params)
             if isinstance(e, SignalReceived) or not (
@@ -850,21 +941,31 @@ class GRPOTrainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, eval_dataset: Any = None) -> dict[str, float]:
-        """Mean reward per function on the eval set (``eval_rewards/<fn>/mean``, ``eval_reward``).
+    def evaluate(
+        self, eval_dataset: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """TRL's evaluation: the training metrics on the eval set, prefixed ``eval_``.
 
-        Every eval prompt is used once, in order, with ``num_generations_eval`` (default
-        ``num_generations``) completions each, sampled from a fixed key so evaluations at
-        different steps are comparable and the training RNG is untouched.
+        ``eval_loss``, ``eval_reward``, ``eval_rewards/<fn>/mean``, ``eval_kl``,
+        ``eval_entropy``, ``eval_completions/...``: every eval prompt is used once, in order,
+        with ``num_generations_eval`` (default ``num_generations``) completions each, sampled
+        from a fixed key so evaluations at different steps are comparable and the training
+        RNG is untouched. A dict of eval sets (or a ``DatasetDict``) evaluates each under
+        ``eval_<name>_``.
         """
-        dataset = self.eval_dataset if eval_dataset is None else load_prompts(eval_dataset)
+        dataset = self.eval_dataset if eval_dataset is None else _load_eval(eval_dataset)
         if self.rollout_func is not None or self._tool_loop is not None:
-            raise NotImplementedError(
+            raise ConfigError(
                 "evaluate() samples single-turn completions; with tools, environments or a "
                 "rollout_func it is not supported yet"
             )
         if dataset is None:
             raise ConfigError("evaluate() needs an eval_dataset (here or in the constructor)")
+        if isinstance(dataset, dict):
+            out = {}
+            for name, part in dataset.items():
+                out.update(self.evaluate(part, metric_key_prefix=f"{metric_key_prefix}_{name}"))
+            return out
         G = self.args.num_generations_eval or self.args.num_generations
         B = max(1, self.args.per_device_eval_batch_size // G)
         sampling = attrs.evolve(self.sampling, group_size=G)
@@ -885,7 +986,11 @@ class GRPOTrainer:
                 continue
             key, sub = mx.random.split(key)
             roll = rollout(
-                self.state.params, sub, [ids[i] for i in keep], model=self.model, sampling=sampling
+                self.train_state.params,
+                sub,
+                [ids[i] for i in keep],
+                model=self.model,
+                sampling=sampling,
             )
             prompts = [chunk[i]["prompt"] for i in keep for _ in range(G)]
             columns = {c: [chunk[i].get(c) for i in keep for _ in range(G)] for c in extra}
@@ -902,10 +1007,24 @@ class GRPOTrainer:
             m = reward_metrics(
                 scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
             )
-            per_chunk.append({k: v for k, v in m.items() if k.endswith("/mean") or k == "reward"})
-        out = {f"eval_{k}": v for k, v in average_metrics(per_chunk).items()}
+            m.update(_completion_metrics(roll, None))
+            m.update(self._eval_loss(roll, adv.advantages))
+            per_chunk.append(m)
+        out = {f"{metric_key_prefix}_{k}": v for k, v in average_metrics(per_chunk).items()}
         self._callback("on_evaluate", out)
         return out
+
+    def _eval_loss(self, roll: Rollout, advantages: mx.array) -> dict[str, float]:
+        # The training loss and its metrics on an eval chunk, without a gradient or update.
+        self.model.eval()
+        try:
+            batch = self._loss_batch(self._pad(roll), advantages)
+            loss, metrics = self._loss_fn(self.train_state.params, batch)
+            mx.eval(loss, metrics)
+        finally:
+            self.model.update(self.train_state.params)
+            self.model.train()
+        return {"loss": float(loss.item()), **{k: float(v.item()) for k, v in metrics.items()}}
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -939,7 +1058,7 @@ class GRPOTrainer:
         if is_main_process(self.group):
             ckpt.save_checkpoint(
                 path,
-                self.state,
+                self.train_state,
                 adapter_config=self._adapter_config(),
                 trainer_state=trainer_state,
                 extra_trees=self._extra_trees(),
@@ -964,7 +1083,7 @@ class GRPOTrainer:
         transformers' ``save_model`` does."""
         out = Path(output_dir or self.args.output_dir)
         if is_main_process(self.group):
-            ckpt.save_adapters(out, self.state.params, adapter_config=self._adapter_config())
+            ckpt.save_adapters(out, self.train_state.params, adapter_config=self._adapter_config())
             self.create_model_card(output_dir=out)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save")
@@ -1035,7 +1154,7 @@ class GRPOTrainer:
         )
         saved = ckpt.read_trainer_state(path).get("config")
         runs.check_resume_settings(saved, self.args.to_dict(), path=path)
-        state, meta = ckpt.load_checkpoint(path, self.state)
+        state, meta = ckpt.load_checkpoint(path, self.train_state)
         per_rank = meta.get("sampler_per_rank") or [meta.get("sampler")]
         if len(per_rank) != self.world_size:
             raise CheckpointError(
@@ -1061,5 +1180,5 @@ class GRPOTrainer:
         if self.args.sync_ref_model:
             ref = ckpt.load_extra_tree(path, REF_MODEL, self.policy.ref_params)
             self.policy = attrs.evolve(self.policy, ref_params=ref)
-        self.state = state
+        self.train_state = state
         self.model.update(state.params)

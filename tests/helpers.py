@@ -12,6 +12,7 @@ def tiny_args(output_dir, **kw) -> GRPOConfig:
     """A few-second GRPO run on the tiny model: 2 prompts x 4 completions of 4 tokens."""
     base = dict(
         output_dir=str(output_dir),
+        use_lora=True,  # the tiny runs test LoRA unless they say otherwise
         max_steps=6,
         num_generations=4,
         per_device_train_batch_size=8,

@@ -202,7 +202,7 @@ def test_user_model_starts_from_grpoconfig_defaults(tmp_path, tiny_model_dir):
     defaults = GRPOConfig()
     assert run.config.max_steps == 7
     assert run.config.learning_rate == defaults.learning_rate
-    assert run.config.use_lora == defaults.use_lora
+    assert defaults.use_lora is None and run.config.use_lora is True  # the CLI's LoRA default
     # A command-line --model beats the YAML one.
     run = resolved(["train", "--config", str(cfg_file), "--model", str(tmp_path)])
     assert run.model == str(tmp_path)

@@ -295,7 +295,7 @@ def test_nan_weight_stops_the_run_at_the_next_step(tiny_model_dir, tmp_path):
                 name, value = flat[0]
                 bad = mx.where(mx.arange(value.size).reshape(value.shape) == 0, mx.nan, value)
                 params = tree_unflatten([(k, bad if k == name else v) for k, v in flat])
-                trainer.state = trainer.state._replace(params=params)
+                trainer.train_state = trainer.train_state._replace(params=params)
                 trainer.model.update(params)
 
     trainer = _trainer(tiny_model_dir, tmp_path, _lengths, use_lora=False)

@@ -24,6 +24,14 @@ OURS = attrs.fields_dict(GRPOConfig)
 PENDING: set[str] = set()
 
 
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees GRPOConfig's once-per-process warnings afresh."""
+    import grpo.config
+
+    monkeypatch.setattr(grpo.config, "_WARNED", set())
+
+
 def test_every_trl_field_is_a_grpoconfig_field():
     missing = sorted(set(TRL_FIELDS) - set(OURS))
     assert missing == sorted(PENDING), missing
