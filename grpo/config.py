@@ -553,6 +553,17 @@ class GRPOConfig:
 
         return LossConfig(**{f.name: getattr(self, f.name) for f in attrs.fields(LossConfig)})
 
+    def train_step_kwargs(self) -> dict:
+        """Keyword arguments of :func:`grpo.core.step.make_train_step` for these settings:
+        ``accumulation``, ``max_grad_norm`` and the loss type's micro-batch ``weigh``."""
+        from grpo.core.step import accumulation_weights_for
+
+        return {
+            "accumulation": self.gradient_accumulation_steps,
+            "max_grad_norm": self.max_grad_norm,
+            "weigh": accumulation_weights_for(self.loss_type),
+        }
+
     def to_sampling_config(self, *, eos_token_ids=(), stop_sequences=()):
         """The :class:`grpo.core.sampling.SamplingConfig` for these settings."""
         from grpo.core.sampling import SamplingConfig

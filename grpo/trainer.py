@@ -495,10 +495,9 @@ class GRPOTrainer:
     def _build_step(self):
         dropout = self.args.lora_dropout != 0
         step = make_train_step(
-            self.model,
-            self.optimizer,
             self._loss_fn,
-            cfg=self.args,
+            self.optimizer,
+            **self.args.train_step_kwargs(),
             group=self.group,
             compile=not dropout,
         )

@@ -158,7 +158,7 @@ def _one_step(model, s):
     def loss_fn(p, b):
         return grpo_loss(p, None, b, model=model, cfg=loss_cfg)
 
-    step = make_train_step(model, optimizer, loss_fn, cfg=cfg, compile=False)
+    step = make_train_step(loss_fn, optimizer, **cfg.train_step_kwargs(), compile=False)
     stacked = LossBatch(*(None if x is None else x[None] for x in batch))
     new_state, metrics = step(state, stacked)
     mx.eval(new_state, metrics)

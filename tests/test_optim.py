@@ -108,13 +108,12 @@ def _run_project(cfg, params0, grads):
     params = tree_unflatten([(n, mx.array(v)) for n, v in params0.items()])
     state = init_state(params, optimizer, key=mx.random.key(0))
     step = make_train_step(
-        model,
-        optimizer,
         lambda p, b: (
             sum((x * y).sum() for x, y in zip(_leaves(p), _leaves(b.g), strict=True)),
             {},
         ),
-        cfg=cfg,
+        optimizer,
+        **cfg.train_step_kwargs(),
         mask_of=lambda b: mx.ones((1, 1, 1)),
     )
     lrs, norms = [], []

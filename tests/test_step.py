@@ -58,10 +58,10 @@ def _setup(cfg, *, seed=0, D=3, per_token=True, counter=None, compile=True):
     opt = make_optimizer(cfg, total_steps=10)
     state = init_state(params, opt, key=mx.random.key(seed))
     step = make_train_step(
-        model,
-        opt,
         _toy_loss(model, per_token=per_token, counter=counter),
-        cfg=cfg,
+        opt,
+        **cfg.train_step_kwargs(),
+        rebind=model,
         compile=compile,
     )
     return state, step

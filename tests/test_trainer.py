@@ -356,7 +356,7 @@ def test_real_step_traces_once_per_bucketed_shape(tiny_model_dir, tmp_path):
         traces[0] += 1  # runs only while mx.compile traces
         return trainer._loss_fn(params, batch)
 
-    compiled = make_train_step(trainer.model, trainer.optimizer, counting_loss, cfg=args)
+    compiled = make_train_step(counting_loss, trainer.optimizer, **args.train_step_kwargs())
 
     def step(state, batch):
         shapes.add((tuple(batch.input_ids.shape), tuple(batch.completion_ids.shape)))

@@ -150,37 +150,43 @@ def _default_mask(batch: Any) -> mx.array:
 
 
 def make_train_step(
-    model: Any,
-    optimizer: optim.Optimizer,
     loss_fn: Callable[[Any, Any], tuple[mx.array, dict]],
+    optimizer: optim.Optimizer,
     *,
-    cfg: Any,
+    accumulation: int = 1,
+    max_grad_norm: float = 1.0,
+    weigh: Callable[..., mx.array] = per_token_weights,
     mask_of: Callable[[Any], mx.array] | None = None,
     group: Any = None,
+    rebind: Any = None,
     compile: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
-        model: the ``mlx.nn.Module`` ``loss_fn`` applies its params to (closed over).
-        optimizer: an ``mlx.optimizers.Optimizer`` (closed over; its state comes from
-            ``state.opt_state`` on every call).
         loss_fn: ``loss_fn(params, micro_batch) -> (loss [] , metrics {name: []})``.
-        cfg: a :class:`grpo.config.GRPOConfig` (``loss_type``, ``max_grad_norm``,
-            ``gradient_accumulation_steps``).
+        optimizer: an ``mlx.optimizers.Optimizer`` (closed over; its state comes from
+            ``state.opt_state`` on every call), e.g. :func:`grpo.make_optimizer`.
+        accumulation: ``K``, micro-batches per optimizer step (the batch's leading axis).
+        max_grad_norm: clip the global gradient norm to this (0: no clipping).
+        weigh: ``weigh(masks [K, n, T], group=) -> [K]`` micro-batch weights matching the
+            loss's normaliser: :func:`per_token_weights` or :func:`per_sequence_weights`
+            (:func:`accumulation_weights_for` picks one by loss type).
         mask_of: micro-batch stack -> ``[K, n, T]`` loss mask (default:
             ``batch.completion_mask``, else ``batch.mask``).
         group: ``mx.distributed`` group for data parallelism (``None``: one process);
             token normalisers are all-reduced and gradients averaged with
             ``mlx.nn.average_gradients`` before clipping.
+        rebind: the ``mlx.nn.Module`` ``loss_fn`` updates in place, if any: after each step
+            it holds the new parameters (a compiled ``loss_fn`` would otherwise leave it
+            holding placeholders of the trace).
         compile: wrap with ``mx.compile`` (False for path-equivalence tests).
 
     Returns:
         The step. ``metrics`` holds ``loss``, ``grad_norm`` (before clipping),
         ``learning_rate`` and ``loss_fn``'s metrics averaged over micro-batches.
     """
-    weigh = accumulation_weights_for(cfg.loss_type)
-    K, max_norm = cfg.gradient_accumulation_steps, float(cfg.max_grad_norm)
+    K, max_norm = int(accumulation), float(max_grad_norm)
     mask_of = mask_of or _default_mask
     grad_fn = mx.value_and_grad(loss_fn)
 
@@ -189,7 +195,8 @@ def make_train_step(
         if masks.ndim != 3 or masks.shape[0] != K:
             raise ValueError(
                 f"train_step: batch leaves need a leading micro-batch axis of size "
-                f"gradient_accumulation_steps={K}; mask shape is {tuple(masks.shape)}"
+                f"accumulation={K} (gradient_accumulation_steps={K}); mask shape is "
+                f"{tuple(masks.shape)}"
             )
         weights = weigh(masks, group=group)
         grads, loss, metrics = _accumulate(grad_fn, state.params, batch, weights, K)
@@ -205,4 +212,13 @@ def make_train_step(
         }
         return TrainState(params, opt_state, key, state.step + 1), metrics
 
-    return mx.compile(train_step) if compile else train_step
+    step = mx.compile(train_step) if compile else train_step
+    if rebind is None:
+        return step
+
+    def rebound(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        new, metrics = step(state, batch)
+        rebind.update(new.params)
+        return new, metrics
+
+    return rebound
