@@ -39,7 +39,7 @@ def _perturbed(tree, seed):
 
 def _lora_state(model_dir, *, seed=0):
     model, _ = mlx_lm.load(str(model_dir))
-    cfg = GRPOConfig(lora_rank=4, per_device_train_batch_size=8)
+    cfg = GRPOConfig(use_lora=True, lora_rank=4, per_device_train_batch_size=8)
     pol = prepare_policy(model, cfg, key=mx.random.key(seed), base=str(model_dir))
     opt = make_optimizer(cfg, total_steps=10)
     state = init_state(pol.params, opt, key=mx.random.key(seed + 1))

@@ -121,7 +121,7 @@ def test_lora_reference_is_base_and_saved_adapters_reload(trained, tiny_model_di
 def test_evaluate_reports_mean_reward_per_function(trained):
     trainer, _ = trained
     metrics = trainer.evaluate(PROMPTS[:4])
-    assert set(metrics) == {"eval_rewards/sevens/mean", "eval_reward"}
+    assert {"eval_rewards/sevens/mean", "eval_reward", "eval_loss", "eval_kl"} <= set(metrics)
     assert 0.0 <= metrics["eval_rewards/sevens/mean"] <= 1.0
     assert metrics["eval_reward"] == pytest.approx(metrics["eval_rewards/sevens/mean"])
 
