@@ -333,7 +333,9 @@ GRPO (Group Relative Policy Optimization) for language models on Apple MLX.
 
   grpo train                       the default job: a tiny model learns to reverse strings
   grpo train --model M --dataset D --reward R [--config run.yaml] [--<GRPOConfig field> V]
-  grpo eval  [--model M] [--adapter_path OUT] [--dataset D] [--reward R]
+  grpo eval  [--model M] [--adapter_path OUT ...] [--dataset D] [--reward R] [--k K]
+  grpo eval  --run OUTPUT_DIR      base vs every checkpoint vs final, with the run's settings
+  grpo generate [--model M] [--adapter_path OUT] --prompt "..."   (or --dataset D)
 """
 
 TRAIN_EPILOG = """\
@@ -430,6 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_flags(ev)
     add_config_flags(ev, job_defaults=DEFAULT_TRAIN_ARGS)
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample from a model (and adapters), streaming to the terminal",
+        description="Sample completions with the training sampling settings (temperature, "
+        "top_p, top_k, min_p, repetition_penalty, max_completion_length, chat_template_kwargs), "
+        "streaming tokens as they come.",
+        allow_abbrev=False,
+    )
+    from grpo.cli_eval import generate_flags
+
+    generate_flags(gen)
+    add_config_flags(gen, job_defaults=DEFAULT_TRAIN_ARGS)
     return parser
 
 
@@ -763,6 +778,12 @@ def evaluate(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def generate(args: argparse.Namespace) -> int:
+    from grpo.cli_eval import run_generate
+
+    return run_generate(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -773,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        return {"train": train, "eval": evaluate}[args.command](args)
+        return {"train": train, "eval": evaluate, "generate": generate}[args.command](args)
     except (UsageError, FloatingPointError, KeyboardInterrupt) as e:
         return _report(e)
 

@@ -11,6 +11,8 @@ import copy
 import json
 from pathlib import Path
 
+import attrs
+
 from grpo.cli import (
     EVAL_ROWS,
     Run,
@@ -274,3 +276,102 @@ def closing_comparison(trainer, run: Run, model_path: str, *, n: int = 4) -> str
         f"-> {t['pass@1']:.3f} (trained), {d[0]:+.3f} [95% CI {d[1]:+.3f}, {d[2]:+.3f}]; "
         f"mean reward {b['reward']:.3f} -> {t['reward']:.3f}"
     )
+
+
+# -- grpo generate -------------------------------------------------------------------------------
+
+
+def generate_flags(gen: argparse.ArgumentParser) -> None:
+    """The flags of ``grpo generate`` besides the GRPOConfig ones."""
+    gen.add_argument("--model", help="mlx-lm model directory or hub id (default: the tiny model)")
+    gen.add_argument("--adapter_path", metavar="DIR", help="adapters to load on top of --model")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="one prompt (a user message when a chat template exists)")
+    source.add_argument("--dataset", help="sample for the first --limit prompts of a dataset")
+    gen.add_argument(
+        "--limit", type=_flag_type("limit", int), default=3, help="dataset prompts (default 3)"
+    )
+    gen.add_argument(
+        "--raw", action="store_true", help="send --prompt as plain text, without the chat template"
+    )
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    gen.add_argument("--config", metavar="YAML", help="YAML file of GRPOConfig fields")
+    gen.add_argument(
+        "--warm_start_steps", type=_flag_type("warm_start_steps", int), default=None,
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
+
+
+def _generate_prompts(args: argparse.Namespace, run: Run, tokenizer) -> list:
+    from grpo.io.data import _hf_tokenizer
+
+    if args.prompt is not None:
+        templated = getattr(_hf_tokenizer(tokenizer), "chat_template", None) or getattr(
+            tokenizer, "has_chat_template", False
+        )
+        if templated and not args.raw:
+            return [[{"role": "user", "content": args.prompt}]]
+        return [args.prompt]
+    if args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    rows = run.rows(split="eval" if run.task else "train")
+    return [row["prompt"] for _, row in zip(range(args.limit), rows, strict=False)]
+
+
+def _mlx_lm_sampling(sampling, context: int):
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    sampler = make_sampler(
+        temp=sampling.temperature,
+        top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0,
+        min_p=sampling.min_p,
+        top_k=sampling.top_k,
+    )
+    penalty = sampling.repetition_penalty
+    # The training sampler penalises every prompt and completion token; so does this window.
+    processors = make_logits_processors(
+        repetition_penalty=None if penalty == 1.0 else penalty, repetition_context_size=context
+    )
+    return sampler, processors
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+    import mlx_lm
+
+    from grpo.trainer import eos_token_ids
+
+    ns = copy.copy(args)
+    ns.reward = "exact_match" if args.dataset else None
+    run = Run(ns, command="eval")
+    cfg = run.config
+    model, tokenizer = _load_model(
+        run.model_path(log=lambda m: None), run.adapter_path,
+        trust_remote_code=cfg.trust_remote_code,
+    )  # fmt: skip
+    from grpo.evaluate import prompt_encoder
+
+    encoder = prompt_encoder(model, tokenizer, cfg)
+    sampling = cfg.to_sampling_config(eos_token_ids=eos_token_ids(tokenizer))
+    if args.greedy:
+        sampling = attrs.evolve(sampling, temperature=0.0)
+    mx.random.seed(cfg.seed)  # the CLI owns the global RNG; mlx-lm's samplers draw from it
+    for i, prompt in enumerate(_generate_prompts(args, run, tokenizer)):
+        ids = encoder(prompt, row=i)
+        if args.prompt is None:
+            print(f"--- prompt {i}: {prompt!r}")
+        sampler, processors = _mlx_lm_sampling(sampling, len(ids) + cfg.max_completion_length)
+        last = None
+        for last in mlx_lm.stream_generate(
+            model, tokenizer, ids, max_tokens=cfg.max_completion_length,
+            sampler=sampler, logits_processors=processors,
+        ):  # fmt: skip
+            print(last.text, end="", flush=True)
+        print()
+        if last is not None:
+            print(
+                f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s, "
+                f"finish: {last.finish_reason}]",
+                flush=True,
+            )
+    return 0

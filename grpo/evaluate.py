@@ -70,7 +70,8 @@ def pass_index(names: Sequence[str], pass_reward: str | None) -> int:
     return next((i for i, n in enumerate(names) if n in ACCURACY_REWARDS), 0)
 
 
-def _encoder(model, tokenizer, cfg) -> PromptEncoder:
+def prompt_encoder(model, tokenizer, cfg) -> PromptEncoder:
+    """Render, tokenise and fit prompts as the trainer does (left-truncated to the budget)."""
     context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
     return PromptEncoder(
         tokenizer,
@@ -110,7 +111,7 @@ def sample_model(
     from grpo.trainer import eos_token_ids
 
     rows = list(rows)
-    encoder = _encoder(model, tokenizer, cfg)
+    encoder = prompt_encoder(model, tokenizer, cfg)
     ids = [encoder(r["prompt"], row=i) for i, r in enumerate(rows)]
     base = cfg.to_sampling_config(eos_token_ids=eos_token_ids(tokenizer))
     sampled = attrs.evolve(base, group_size=n)

@@ -148,3 +148,61 @@ def test_reward_curve_shows_the_eval_curve(tmp_path, monkeypatch):
     monkeypatch.setattr(plot, "curve", lambda r, name: drawn.append(name) or real(r, name))
     plot.plot_reward_curve(metrics, tmp_path / "c.png")
     assert "eval_reward" in drawn and plot.curve(lines, "eval_reward") == ([1], [0.3])
+
+
+# -- grpo generate ------------------------------------------------------------------------------
+
+
+def test_generate_greedy_matches_the_training_sampler(tiny_model_dir, tiny_model, capsys):
+    import attrs
+    import mlx.core as mx
+
+    from grpo.core.rollout import rollout
+    from grpo.io.data import decode_completions, encode_prompt
+    from grpo.trainer import eos_token_ids
+
+    model, tokenizer = tiny_model
+    argv = ["generate", "--model", str(tiny_model_dir), "--dataset", "sort", "--limit", "2",
+            "--greedy", "--max_completion_length", "6"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    prompts = [r["prompt"] for r in default_eval_dataset("sort", n=2)]
+    cfg = GRPOConfig(max_completion_length=6)
+    sampling = attrs.evolve(
+        cfg.to_sampling_config(eos_token_ids=eos_token_ids(tokenizer)), group_size=1,
+        temperature=0.0,
+    )  # fmt: skip
+    ids = [encode_prompt(p, tokenizer) for p in prompts]
+    roll = rollout(model.parameters(), mx.random.key(0), ids, model=model, sampling=sampling)
+    lengths = np.array(roll.completion_lengths)
+    rows = [np.array(roll.completion_ids)[i, : lengths[i]].tolist() for i in range(2)]
+    texts = decode_completions(rows, tokenizer)
+    for i, (p, text) in enumerate(zip(prompts, texts, strict=True)):
+        streamed, stats = out.split(f"--- prompt {i}: {p!r}\n", 1)[1].split("\n[", 1)
+        # mlx-lm's stream drops the EOS token's text; the rollout keeps its id.
+        assert text.startswith(streamed) and len(text) - len(streamed) <= 20
+        assert stats.startswith(f"{lengths[i]} tokens")
+
+
+def test_generate_applies_the_chat_template(tiny_model_dir, monkeypatch, capsys):
+    seen = []
+    real = E.prompt_encoder
+
+    def spy(*a, **kw):
+        enc = real(*a, **kw)
+        return lambda prompt, row=None: seen.append(prompt) or enc(prompt, row=row)
+
+    monkeypatch.setattr("grpo.evaluate.prompt_encoder", spy)
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "hi",
+        "--max_completion_length",
+        "3",
+    ]
+    assert cli.main(argv) == 0
+    assert seen == [[{"role": "user", "content": "hi"}]]
+    assert cli.main([*argv, "--raw"]) == 0
+    assert seen[-1] == "hi"
