@@ -42,6 +42,17 @@ import grpo
 RUN_KEYS = ("model", "dataset", "reward", "adapter_path")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".yaml", ".yml", ".txt")
 EVAL_ROWS = 64
+EVAL_DESCRIPTION = """\
+Sample n completions per prompt (n = max(--k, num_generations_eval or num_generations))
+and one greedy completion from every model, with the same prompts and sampling keys for
+each, and report mean reward per function, pass@1, pass@k and mean@k (unbiased, as in the
+Codex paper), greedy accuracy, mean length and truncation rate, with a paired bootstrap 95%
+interval on each model's difference from the first. Prints a table and writes eval.json and
+eval.png to --output_dir (with --run: the run's directory).
+
+  grpo eval --model M --adapter_path A [--adapter_path B ...] --dataset D --reward R
+  grpo eval --run grpo_output      base vs every checkpoint vs final, the run's settings
+"""
 
 
 class UsageError(Exception):
@@ -341,7 +352,9 @@ GRPO (Group Relative Policy Optimization) for language models on Apple MLX.
 
   grpo train                       the default job: a tiny model learns to reverse strings
   grpo train --model M --dataset D --reward R [--config run.yaml] [--<GRPOConfig field> V]
-  grpo eval  [--model M] [--adapter_path OUT] [--dataset D] [--reward R]
+  grpo eval  [--model M] [--adapter_path OUT ...] [--dataset D] [--reward R] [--k K]
+  grpo eval  --run OUTPUT_DIR      base vs every checkpoint vs final, with the run's settings
+  grpo generate [--model M] [--adapter_path OUT] --prompt "..."   (or --dataset D)
 """
 
 TRAIN_EPILOG = """\
@@ -419,28 +432,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue training these mlx-lm LoRA adapters (e.g. an SFT run's output)",
     )
+    from grpo.cli_eval import train_eval_flags
+
+    train_eval_flags(train)
     add_config_flags(train, job_defaults=DEFAULT_TRAIN_ARGS)
 
     ev = sub.add_parser(
         "eval",
-        help="score a model (and adapters) on a dataset: mean reward per function",
-        description="Sample num_generations_eval (default num_generations) completions per "
-        "prompt and print the mean reward of each reward function.",
+        help="compare a model and its adapters on a dataset: pass@k, rewards, CIs",
+        description=EVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     _common(ev)
-    ev.add_argument(
-        "--adapter_path",
-        metavar="DIR",
-        help="adapters to load on top of --model (e.g. a grpo train output_dir)",
-    )
-    ev.add_argument(
-        "--limit",
-        type=_flag_type("limit", int),
-        default=None,
-        help=f"score only the first N prompts (default: all; {EVAL_ROWS} for a built-in task)",
-    )
+    from grpo.cli_eval import eval_flags
+
+    eval_flags(ev)
     add_config_flags(ev, job_defaults=DEFAULT_TRAIN_ARGS)
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample from a model (and adapters), streaming to the terminal",
+        description="Sample completions with the training sampling settings (temperature, "
+        "top_p, top_k, min_p, repetition_penalty, max_completion_length, chat_template_kwargs), "
+        "streaming tokens as they come.",
+        allow_abbrev=False,
+    )
+    from grpo.cli_eval import generate_flags
+
+    generate_flags(gen)
+    add_config_flags(gen, job_defaults=DEFAULT_TRAIN_ARGS)
     return parser
 
 
@@ -606,7 +627,9 @@ class Run:
 
             if split == "train":
                 return default_dataset(self.task)
-            return default_dataset(self.task, n=EVAL_ROWS, seed=7_777)
+            from grpo.io.default_job import default_eval_dataset
+
+            return default_eval_dataset(self.task, n=EVAL_ROWS)
         from grpo.io.data import load_prompts
 
         try:
@@ -702,15 +725,17 @@ def _train_locked(args: argparse.Namespace, run: Run, reward_funcs: list, *, gro
     cfg = run.config
     main = is_main_process(group)
     say = print if main else _quiet  # only rank 0 prints and writes output_dir
-    rows = run.rows(split="train")
+    from grpo.cli_eval import closing_comparison, save_run_config, training_rows
+
+    rows, eval_rows = training_rows(args, run, run.rows(split="train"))
     model_path = run.model_path(log=say, group=group)
     model, tokenizer = _load_model(model_path, None, trust_remote_code=cfg.trust_remote_code)
     from grpo.trainer import GRPOTrainer
 
     try:
         trainer = GRPOTrainer(
-            model, reward_funcs, args=cfg, train_dataset=rows, processing_class=tokenizer,
-            group=group,
+            model, reward_funcs, args=cfg, train_dataset=rows, eval_dataset=eval_rows,
+            processing_class=tokenizer, group=group,
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         raise UsageError(_one_line(e)) from e
@@ -727,6 +752,8 @@ def _train_locked(args: argparse.Namespace, run: Run, reward_funcs: list, *, gro
     )
     from grpo.errors import CheckpointError
 
+    if main:
+        save_run_config(args, run, model_path)
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     except CheckpointError as e:
@@ -750,6 +777,8 @@ def _train_locked(args: argparse.Namespace, run: Run, reward_funcs: list, *, gro
             f"done in {time.perf_counter() - start:.0f}s: mean reward {first:.3f} (first 10% of "
             f"steps) -> {last:.3f} (last 10%), change {last - first:+.3f}"
         )
+        if run.task is not None:
+            print(closing_comparison(trainer, run, model_path))
         print(f"wrote {metrics}, {png} and the trained weights in {cfg.output_dir}/")
     # Every rank ends together: if rank 0 fails writing, the others fail here too.
     barrier(group)
@@ -788,52 +817,15 @@ def _exit_together(group, *, debug: bool = False):
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    import attrs
+    from grpo.cli_eval import run_eval
 
-    run = Run(args, command="eval")
-    # Score only: no new adapters, no reference model, and a one-prompt training geometry
-    # (GRPOTrainer's sampler is built but never drawn from; it needs >= 1 batch of prompts).
-    cfg = attrs.evolve(
-        run.config,
-        use_lora=False,
-        beta=0.0,
-        per_device_train_batch_size=run.config.num_generations,
-        generation_batch_size=None,
-        steps_per_generation=None,
-        gradient_accumulation_steps=1,
-    )
-    reward_funcs = run.reward_funcs()
-    rows = run.rows(split="eval")
-    if args.limit is not None:
-        if args.limit < 1:
-            raise UsageError(f"--limit must be >= 1, got {args.limit}")
-        rows = (
-            rows[: args.limit]
-            if isinstance(rows, list)
-            else rows.select(range(min(args.limit, len(rows))))
-        )
-    model, tokenizer = _load_model(
-        run.model_path(), run.adapter_path, trust_remote_code=cfg.trust_remote_code
-    )
-    from grpo.trainer import GRPOTrainer
+    return run_eval(args)
 
-    try:
-        trainer = GRPOTrainer(
-            model, reward_funcs, args=cfg, train_dataset=rows, processing_class=tokenizer
-        )
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e).splitlines()[0]) from e
-    try:
-        results = trainer.evaluate(rows)
-    except Exception as e:
-        _mark_exit_code(e, 1)
-        raise
-    print(
-        f"eval: {len(rows)} prompts x {cfg.num_generations_eval or cfg.num_generations} completions"
-    )
-    for name, value in results.items():
-        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    return 0
+
+def generate(args: argparse.Namespace) -> int:
+    from grpo.cli_eval import run_generate
+
+    return run_generate(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -848,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        return {"train": train, "eval": evaluate}[args.command](args)
+        return {"train": train, "eval": evaluate, "generate": generate}[args.command](args)
     except SystemExit:
         raise  # --help, --version
     except BaseException as e:

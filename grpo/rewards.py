@@ -11,6 +11,8 @@ name                range      meaning
                                the row has no answer)
 ``think_format``    {0, 1}     ``<think>...</think><answer>...</answer>`` layout
 ``length_penalty``  [-1, 0]    DAPO's soft overlong penalty on completion token count
+``unit_tests``      {0, 1}     the completion's code passes the ``tests`` column, run in a
+                               subprocess with a timeout and no network (None without tests)
 ==================  =========  ================================================================
 
 ``resolve_reward_funcs`` turns a spec (a callable, a built-in name, ``"module:function"``,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -192,10 +195,105 @@ class LengthPenalty:
 
 length_penalty = LengthPenalty()
 
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+# Prepended to every program: sockets refuse to open, so a completion cannot reach the
+# network (best effort inside one interpreter, not a security boundary).
+_NO_NETWORK = """\
+import socket as _s
+def _refuse(*a, **k):
+    raise OSError("network access is disabled in the unit_tests sandbox")
+_s.socket = _s.create_connection = _s.socketpair = _s.getaddrinfo = _refuse
+del _s, _refuse
+"""
+
+
+def extract_code(text: str) -> str:
+    """The last fenced code block of ``text`` (```python ... ```), else the whole text."""
+    blocks = _CODE_BLOCK.findall(text)
+    return blocks[-1] if blocks else text
+
+
+def _prelude(memory_bytes: int, cpu_seconds: int) -> str:
+    # Limits are set by the child itself: a preexec_fn is unsafe with the reward's threads.
+    return _NO_NETWORK + (
+        "import resource as _r\n"
+        f"for _k, _v in ((_r.RLIMIT_AS, {memory_bytes}), (_r.RLIMIT_CPU, {cpu_seconds})):\n"
+        "    try:\n"
+        "        _r.setrlimit(_k, (_v, _v))\n"
+        "    except (ValueError, OSError):\n"
+        "        pass  # macOS refuses RLIMIT_AS; the timeout still applies\n"
+        "del _r, _k, _v\n"
+    )
+
+
+def run_python(program: str, *, timeout: float, memory_mb: int = 1024) -> bool:
+    """Run ``program`` in a fresh isolated interpreter; True when it exits with status 0.
+
+    The child gets an empty working directory, an empty environment, ``python -I`` (no
+    user site, no ``PYTHON*`` variables), no network (sockets refuse), and memory / CPU
+    limits; on ``timeout`` seconds its whole process group is killed and the result is
+    False.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="grpo-unit-tests-") as cwd:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _prelude(memory_mb * 2**20, math.ceil(timeout)) + program],
+            cwd=cwd, env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            return proc.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it spawned
+            proc.wait()
+            return False
+
+
+class UnitTests:
+    """1.0 when the completion's code passes the row's ``tests``, else 0.0. Range {0, 1}.
+
+    The code is the completion's last fenced code block (else its whole text); ``tests`` is
+    Python source (asserts, or calls that raise on failure), or a list of such lines. The
+    program ``code + tests`` runs by :func:`run_python` with ``timeout`` seconds; an
+    exception, a failed assert, a timeout or a network attempt scores 0. Completions run
+    ``workers`` at a time (default: the CPU count). Rows whose ``tests`` is None score None.
+    """
+
+    __name__ = "unit_tests"
+
+    def __init__(self, timeout: float = 5.0, workers: int | None = None, memory_mb: int = 1024):
+        if timeout <= 0:
+            raise ValueError(f"unit_tests: timeout must be > 0, got {timeout}")
+        self.timeout, self.workers, self.memory_mb = timeout, workers, memory_mb
+
+    def _one(self, completion: Any, tests: Any) -> float | None:
+        if tests is None:
+            return None
+        body = "\n".join(tests) if isinstance(tests, (list, tuple)) else str(tests)
+        program = extract_code(completion_text(completion)) + "\n\n" + body + "\n"
+        return float(run_python(program, timeout=self.timeout, memory_mb=self.memory_mb))
+
+    def __call__(self, completions: list, tests: list, **kwargs) -> list[float | None]:
+        import concurrent.futures
+        import os
+
+        workers = self.workers or os.cpu_count() or 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(self._one, completions, tests))
+
+
+unit_tests = UnitTests()
+
 REWARD_FUNCS: dict[str, Callable] = {
     "answer_match": answer_match,
     "think_format": think_format,
     "length_penalty": length_penalty,
+    "unit_tests": unit_tests,
 }
 
 

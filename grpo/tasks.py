@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import attrs
 
@@ -104,6 +104,25 @@ def make_dataset(name: str = DEFAULT_TASK, n: int = 1000, *, seed: int = 0) -> l
         raise ValueError(f"make_dataset: n must be >= 1, got n={n!r}")
     task = get_task(name)
     return [task.row(s) for s in random_strings(n, seed=seed, task=task)]
+
+
+def held_out_dataset(
+    name: str = DEFAULT_TASK, n: int = 64, *, seed: int, exclude: Collection[str] = ()
+) -> list[dict[str, str]]:
+    """``n`` distinct rows of task ``name`` whose prompts are not in ``exclude`` (seeded).
+
+    Raises ``ValueError`` if the task has too few distinct inputs left to fill ``n`` rows.
+    """
+    task = get_task(name)
+    rng, rows, seen = random.Random(seed), [], set(exclude)
+    for _ in range(100 * n):
+        s = "".join(rng.choices(task.alphabet, k=rng.randint(task.min_len, task.max_len)))
+        if task.prompt(s) not in seen:
+            seen.add(task.prompt(s))
+            rows.append(task.row(s))
+            if len(rows) == n:
+                return rows
+    raise ValueError(f"held_out_dataset: could not draw {n} unseen rows of task {name!r}")
 
 
 def completion_text(completion) -> str:

@@ -238,17 +238,20 @@ def test_default_job_smoke(tmp_path):
     assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapters.safetensors").exists()
     assert len(list((tmp_path / "cache" / "mlx-grpo").iterdir())) == 1
+    # The closing lines compare base and trained on the task's held-out set.
+    assert "held-out prompts" in proc.stdout and "(base) ->" in proc.stdout
 
     # The trained weights load back for `grpo eval` (same cache, so no second warm start).
     proc = subprocess.run(
         [sys.executable, "-m", "grpo", "eval", "--warm_start_steps", "5", "--limit", "4",
-         "--adapter_path", str(out)],
+         "--adapter_path", str(out), "--output_dir", str(tmp_path / "ev")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cached" in proc.stdout
-    value = float(proc.stdout.split("eval_rewards/exact_match/mean:")[1].split()[0])
-    assert 0.0 <= value <= 1.0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "out"]
+    assert 0.0 <= report["models"][1]["rewards"]["exact_match"] <= 1.0
 
 
 # -- docs stay in step with the code ----------------------------------------------------------

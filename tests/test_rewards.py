@@ -271,3 +271,39 @@ def test_task_rewards_resolve_by_name_without_importing_tasks_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "grpo.tasks"
+
+
+# -- unit_tests: sandboxed code reward ---------------------------------------------------------
+
+
+def test_unit_tests_pass_fail_timeout_network_and_none():
+    from grpo.rewards import UnitTests, extract_code, resolve_reward_funcs
+
+    reward = UnitTests(timeout=2.0, workers=2)
+    good = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+    wrong = "```python\ndef add(a, b):\n    return a - b\n```"
+    loops = "```python\ndef add(a, b):\n    while True:\n        pass\n```"
+    network = (
+        "```python\nimport socket\nsocket.create_connection(('127.0.0.1', 9))\n"
+        "def add(a, b):\n    return a + b\n```"
+    )
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+    completions = [good, wrong, loops, network, [{"role": "assistant", "content": good}], good]
+    got = reward(completions=completions, tests=[tests] * 5 + [None])
+    assert got == [1.0, 0.0, 0.0, 0.0, 1.0, None]
+    # A list of test lines works too; the tests see only the completion's code block.
+    assert reward(completions=[good], tests=[["assert add(1, 1) == 2"]]) == [1.0]
+    assert extract_code("no fences") == "no fences"
+    assert resolve_reward_funcs("unit_tests")[0].__name__ == "unit_tests"
+    with pytest.raises(ValueError, match="timeout"):
+        UnitTests(timeout=0)
+
+
+def test_run_python_exit_status_and_sandbox():
+    from grpo.rewards import run_python
+
+    assert run_python("import sys; sys.exit(0)", timeout=5.0) is True
+    assert run_python("raise SystemExit(3)", timeout=5.0) is False
+    # Isolated: an empty environment and a fresh, empty working directory.
+    assert run_python("import os; assert not os.environ.get('HOME')", timeout=5.0) is True
+    assert run_python("import os; assert os.listdir('.') == []", timeout=5.0) is True

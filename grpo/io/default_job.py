@@ -47,6 +47,7 @@ DEFAULT_TRAIN_ARGS: dict = {
     "beta": 0.01,
     "max_steps": 400,
     "logging_steps": 10,
+    "per_device_eval_batch_size": 64,  # eval chunks of 8 prompts x 8 completions
     "save_steps": 50,  # a failure or kill loses at most 50 steps
     "save_total_limit": 2,
     "seed": 0,
@@ -54,6 +55,7 @@ DEFAULT_TRAIN_ARGS: dict = {
 }
 DATASET_SIZE = 2000
 DATASET_SEED = 0
+EVAL_SEED = 7_777
 
 
 def cache_root() -> Path:
@@ -183,6 +185,15 @@ def default_dataset(
     from grpo.tasks import make_dataset
 
     return make_dataset(task, n, seed=seed + 1_000_003)
+
+
+def default_eval_dataset(task: str = DEFAULT_TASK, *, n: int = 64) -> list[dict[str, str]]:
+    """The task's held-out eval set: ``n`` seeded rows whose prompts never occur in
+    :func:`default_dataset` (nor repeat), so base-vs-trained numbers measure generalisation."""
+    from grpo.tasks import held_out_dataset
+
+    seen = {row["prompt"] for row in default_dataset(task)}
+    return held_out_dataset(task, n, seed=EVAL_SEED, exclude=seen)
 
 
 def default_config(**overrides):

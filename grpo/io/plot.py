@@ -18,7 +18,8 @@ def curve(records: list[dict], name: str) -> tuple[list[int], list[float]]:
 
 
 def plot_reward_curve(metrics_path: str | Path, png_path: str | Path, *, title: str = "") -> Path:
-    """Plot mean reward per logged step (and kl, when logged, on a second axis).
+    """Plot mean reward per logged step, the eval reward when the run evaluated, and kl
+    (when logged) on a second axis.
 
     Args:
         metrics_path: a ``metrics.jsonl`` written by the trainer.
@@ -41,6 +42,10 @@ def plot_reward_curve(metrics_path: str | Path, png_path: str | Path, *, title: 
     ax.plot(steps, rewards, color="tab:blue", marker=".", label="reward")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean reward", color="tab:blue")
+    eval_steps, eval_rewards = curve(records, "eval_reward")
+    if eval_steps:  # the held-out curve, on the same axis so the two compare directly
+        ax.plot(eval_steps, eval_rewards, color="tab:green", marker="o", label="eval reward")
+        ax.legend(loc="lower right", fontsize="small")
     ax.grid(alpha=0.3)
     kl_steps, kls = curve(records, "kl")
     if kl_steps:
