@@ -809,6 +809,11 @@ def _reference_logprobs(model, ref_params, batch: LossBatch, cfg: LossConfig):
             "grpo_loss: got both ref_params and batch.ref_logprobs; pass exactly one reference"
         )
     if ref_params is None:
+        if batch.ref_logprobs is None:
+            raise ValueError(
+                f"grpo_loss: beta={cfg.beta} needs a reference: pass ref_params (for LoRA, "
+                "lora_reference_params(adapters)) or batch.ref_logprobs, or set beta=0"
+            )
         return batch.ref_logprobs
     logp = completion_logprobs(
         model, ref_params, batch, temperature=cfg.temperature, prompt_share=cfg.prompt_share
@@ -824,8 +829,8 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
 
     Reference rule (KL term only when ``cfg.beta != 0``): ``ref_params`` given -> a
     stop-gradient forward of ``model`` with ``ref_params`` (for LoRA, pass
-    :func:`lora_reference_params` of the adapters); else ``batch.ref_logprobs`` if present;
-    else **no KL term** (the loss is that of ``beta = 0``). Passing both raises.
+    :func:`lora_reference_params` of the adapters); else ``batch.ref_logprobs``. Passing
+    both, or neither while ``beta != 0``, raises (as :func:`policy_loss` does).
 
     ``batch.old_logprobs`` ``None`` means the detached current log-probs (ratio 1);
     ``batch.num_items_in_batch`` ``None`` means this batch's active-token count.
@@ -849,8 +854,7 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
         with_entropy=True,
         prompt_share=cfg.prompt_share,
     )
-    loss_cfg = cfg if ref_logprobs is not None or cfg.beta == 0 else attrs.evolve(cfg, beta=0.0)
-    return make_policy_loss(loss_cfg)(
+    return make_policy_loss(cfg)(
         logprobs,
         batch.advantages,
         batch.completion_mask,
