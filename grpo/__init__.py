@@ -74,6 +74,8 @@ __all__ = sorted(_WHERE) + ["blas_info", "__version__"]
 def __getattr__(name: str):
     if name == "distributed":  # the module of pure data-parallel helpers
         return importlib.import_module("grpo.core.distributed")
+    if name == "losses":  # the loss pieces, to recompose
+        return importlib.import_module("grpo.losses")
     if name not in _WHERE:
         raise AttributeError(f"module 'grpo' has no attribute {name!r}")
     value = getattr(importlib.import_module(_WHERE[name]), name)

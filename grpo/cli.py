@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import grpo
+from grpo.core.loss import LOSS_TYPES
 
 # YAML keys of --config besides the GRPOConfig fields.
 RUN_KEYS = ("model", "dataset", "reward", "adapter_path")
@@ -123,7 +124,7 @@ FIELD_HELP: dict[str, str] = {
     "reward_timeout": "Seconds a reward function call may take before the step fails with a RewardError naming it (`None`: no limit).",
     "multi_objective_aggregation": "`sum_then_normalize` (GRPO) or `normalize_then_sum` (GDPO).",
     "scale_rewards": "Divide advantages by the `group` std, the `batch` std, or not at all (`none`, Dr. GRPO).",
-    "loss_type": "Loss normalisation / surrogate: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo.",
+    "loss_type": "Loss normalisation / surrogate: " + ", ".join(LOSS_TYPES) + ".",
     "mask_truncated_completions": "Exclude completions that hit `max_completion_length` from the loss (DAPO).",
     "top_entropy_quantile": "Train only on the top fraction of tokens by entropy (1.0 = all).",
     "use_bias_correction_kl": "Multiply the k3 KL by the importance ratio.",

@@ -15,10 +15,10 @@ from typing import Any
 
 import attrs
 
+from grpo.core.loss import LOSS_TYPES
 from grpo.core.optim import lr_factor, optimizer_kind, parse_optim_args, warmup_steps_for
 from grpo.errors import ConfigError
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")

@@ -197,11 +197,9 @@ def test_reference_rule(model):
     )
     assert via_params.item() == pytest.approx(via_batch.item(), rel=1e-5)
     assert m1["kl"].item() == pytest.approx(m2["kl"].item(), rel=1e-5) and m1["kl"].item() > 0
-    # No reference at all: no KL term, exactly the beta = 0 loss.
-    none, m3 = grpo_loss(params, None, batch, model=model, cfg=cfg)
-    zero_cfg = LossConfig(loss_type="grpo", temperature=0.7)
-    zero, _ = grpo_loss(params, None, batch, model=model, cfg=zero_cfg)
-    assert none.item() == zero.item() and "kl" not in m3
+    # beta > 0 and no reference at all is an error, as in policy_loss (never a silent beta=0).
+    with pytest.raises(ValueError, match="needs a reference"):
+        grpo_loss(params, None, batch, model=model, cfg=cfg)
     with pytest.raises(ValueError, match="exactly one reference"):
         grpo_loss(params, ref_params, batch._replace(ref_logprobs=ref_logp), model=model, cfg=cfg)
 

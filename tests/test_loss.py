@@ -419,3 +419,24 @@ def test_compiled_loss_traces_once_per_structure():
         x = -mx.random.uniform(shape=(3, 5), key=k)
         step(x, mx.random.normal((3,), key=k), mx.ones((3, 5)), x - 0.1)
     assert len(traces) == 1
+
+
+def test_users_surrogate_and_reduction_replace_the_table_entries():
+    from grpo.core.loss import LOSSES, make_policy_loss
+    from grpo.core.step import accumulation_weights_for, per_token_weights
+
+    cfg = LossConfig(loss_type="grpo")
+    logp = mx.array([[-1.0, -2.0, -0.5], [-0.3, -0.2, -4.0]])
+    adv = mx.array([1.5, -0.5])
+    mask = mx.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    zero = make_policy_loss(cfg, surrogate=lambda t: (mx.zeros_like(t.logprobs), {}))
+    assert zero(logp, adv, mask)[0].item() == 0.0
+    # Ratio 1 (no old log-probs): the clipped surrogate is -A on every live token.
+    summed = make_policy_loss(cfg, reduction=lambda per_token, m, n: (per_token * m).sum())
+    want = -(1.5 * 2 + -0.5 * 3)
+    assert summed(logp, adv, mask)[0].item() == pytest.approx(want)
+    # One table drives the accumulation weights too.
+    assert all(
+        (accumulation_weights_for(name) is per_token_weights) == row.per_token
+        for name, row in LOSSES.items()
+    )

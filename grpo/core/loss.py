@@ -45,8 +45,6 @@ from grpo.core.logprobs import token_logprobs, token_logprobs_and_entropy
 from grpo.core.numerics import masked_mean, masked_sum, safe_div
 from grpo.core.shared_prompt import can_share, shared_prompt_hidden
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 Metrics = dict[str, mx.array]
@@ -94,7 +92,9 @@ class LossConfig:
             ``gcd(per_device_train_batch_size, num_generations)``.
     """
 
-    loss_type: str = attrs.field(default="dapo", validator=_one_of(LOSS_TYPES))
+    loss_type: str = attrs.field(
+        default="dapo", validator=lambda i, a, v: _one_of(LOSS_TYPES)(i, a, v)
+    )
     importance_sampling_level: str = attrs.field(
         default="token", validator=_one_of(IMPORTANCE_SAMPLING_LEVELS)
     )
@@ -409,13 +409,6 @@ def _vespo(cfg: LossConfig) -> Surrogate:
     return surrogate
 
 
-_SURROGATES = {
-    **{name: _clipped for name in CLIPPED_LOSS_TYPES},
-    "cispo": _cispo,
-    "sapo": _sapo,
-    "vespo": _vespo,
-}
-
 # ---------------------------------------------------------------- reductions
 # Each maps (per_token_loss [N, T], mask [N, T], num_items_in_batch scalar) -> scalar.
 
@@ -449,16 +442,36 @@ def _constant_length(cfg: LossConfig):
     return reduction
 
 
-_REDUCTIONS = {
-    "grpo": lambda cfg: sequence_mean_reduction,
-    "sapo": lambda cfg: sequence_mean_reduction,
-    "bnpo": lambda cfg: token_mean_reduction,
-    "dr_grpo": _constant_length,
-    "dapo": lambda cfg: global_token_reduction,
-    "cispo": lambda cfg: global_token_reduction,
-    "vespo": lambda cfg: global_token_reduction,
-    "luspo": lambda cfg: sequence_sum_reduction,
+Reduction = Callable[[mx.array, mx.array, mx.array], mx.array]
+
+
+def _fixed(reduction: Reduction) -> Callable[[LossConfig], Reduction]:
+    return lambda cfg: reduction
+
+
+class LossType(NamedTuple):
+    """One row of :data:`LOSSES`: how a loss type is built and normalised."""
+
+    surrogate: Callable[[LossConfig], Surrogate]  # cfg -> f(Terms) -> (per-token loss, metrics)
+    reduction: Callable[[LossConfig], Reduction]  # cfg -> f(per_token, mask, num_items) -> loss
+    per_token: bool  # under accumulation, micro-batches weigh by live tokens (else sequences)
+    clipped: bool  # PPO clipping, with TRL's clip_ratio/* metrics
+
+
+# The one table of loss types: the config, the loss, the step's accumulation weights and the
+# CLI's help all read it.
+LOSSES: dict[str, LossType] = {
+    "grpo": LossType(_clipped, _fixed(sequence_mean_reduction), per_token=False, clipped=True),
+    "bnpo": LossType(_clipped, _fixed(token_mean_reduction), per_token=True, clipped=True),
+    "dr_grpo": LossType(_clipped, _constant_length, per_token=False, clipped=True),
+    "dapo": LossType(_clipped, _fixed(global_token_reduction), per_token=True, clipped=True),
+    "cispo": LossType(_cispo, _fixed(global_token_reduction), per_token=True, clipped=False),
+    "sapo": LossType(_sapo, _fixed(sequence_mean_reduction), per_token=False, clipped=False),
+    "luspo": LossType(_clipped, _fixed(sequence_sum_reduction), per_token=False, clipped=True),
+    "vespo": LossType(_vespo, _fixed(global_token_reduction), per_token=True, clipped=False),
 }
+LOSS_TYPES = tuple(LOSSES)
+CLIPPED_LOSS_TYPES = tuple(name for name, t in LOSSES.items() if t.clipped)
 
 _LOG_WEIGHTS = {"token": token_log_weights, "sequence": sequence_log_weights}
 
@@ -591,8 +604,18 @@ def _terms(logprobs, advantages, mask, old_logprobs, log_weights) -> tuple[Terms
     return Terms(logprobs, log_ratio, ratio, advantages.astype(mx.float32)[:, None], mask), old
 
 
-def make_policy_loss(cfg: LossConfig) -> PolicyLoss:
+def make_policy_loss(
+    cfg: LossConfig, *, surrogate: Surrogate | None = None, reduction: Reduction | None = None
+) -> PolicyLoss:
     """Build the policy loss for ``cfg``; variants are chosen here, not inside the maths.
+
+    Args:
+        cfg: the :class:`LossConfig`; ``cfg.loss_type`` picks the surrogate and reduction
+            from :data:`LOSSES`.
+        surrogate: a surrogate of your own, ``f(t: Terms) -> (per_token_loss [N, T] or
+            [N, 1], metrics)``, used instead of the loss type's (KL, masks and the entropy
+            bonus still apply).
+        reduction: a reduction of your own, ``f(per_token_loss, mask, num_items) -> loss``.
 
     Returns:
         ``loss_fn(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None,
@@ -600,8 +623,9 @@ def make_policy_loss(cfg: LossConfig) -> PolicyLoss:
         see :func:`policy_loss` for the arguments.
     """
     log_weights = _LOG_WEIGHTS[cfg.importance_sampling_level]
-    surrogate = _SURROGATES[cfg.loss_type](cfg)
-    reduce = _REDUCTIONS[cfg.loss_type](cfg)
+    row = LOSSES[cfg.loss_type]
+    surrogate = surrogate or row.surrogate(cfg)
+    reduce = reduction or row.reduction(cfg)
     kl_term = _kl_term(cfg)
     off_policy = _off_policy_filter(cfg)
     top_entropy = _entropy_filter(cfg)
@@ -809,6 +833,11 @@ def _reference_logprobs(model, ref_params, batch: LossBatch, cfg: LossConfig):
             "grpo_loss: got both ref_params and batch.ref_logprobs; pass exactly one reference"
         )
     if ref_params is None:
+        if batch.ref_logprobs is None:
+            raise ValueError(
+                f"grpo_loss: beta={cfg.beta} needs a reference: pass ref_params (for LoRA, "
+                "lora_reference_params(adapters)) or batch.ref_logprobs, or set beta=0"
+            )
         return batch.ref_logprobs
     logp = completion_logprobs(
         model, ref_params, batch, temperature=cfg.temperature, prompt_share=cfg.prompt_share
@@ -824,8 +853,8 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
 
     Reference rule (KL term only when ``cfg.beta != 0``): ``ref_params`` given -> a
     stop-gradient forward of ``model`` with ``ref_params`` (for LoRA, pass
-    :func:`lora_reference_params` of the adapters); else ``batch.ref_logprobs`` if present;
-    else **no KL term** (the loss is that of ``beta = 0``). Passing both raises.
+    :func:`lora_reference_params` of the adapters); else ``batch.ref_logprobs``. Passing
+    both, or neither while ``beta != 0``, raises (as :func:`policy_loss` does).
 
     ``batch.old_logprobs`` ``None`` means the detached current log-probs (ratio 1);
     ``batch.num_items_in_batch`` ``None`` means this batch's active-token count.
@@ -849,8 +878,7 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
         with_entropy=True,
         prompt_share=cfg.prompt_share,
     )
-    loss_cfg = cfg if ref_logprobs is not None or cfg.beta == 0 else attrs.evolve(cfg, beta=0.0)
-    return make_policy_loss(loss_cfg)(
+    return make_policy_loss(cfg)(
         logprobs,
         batch.advantages,
         batch.completion_mask,

@@ -23,13 +23,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from grpo.core import distributed as dist
+from grpo.core.loss import LOSSES
 from grpo.core.state import TrainState, float32_tree
-
-# How each loss type normalises (grpo.core.loss reductions): per sequence (mean over rows,
-# or a per-row constant) or per live token of the accumulated batch.
-PER_SEQUENCE_LOSSES = ("grpo", "dr_grpo", "sapo", "luspo")
-PER_TOKEN_LOSSES = ("bnpo", "dapo", "cispo", "vespo")
-
 
 # -- accumulation weights ----------------------------------------------------------------
 
@@ -70,15 +65,12 @@ def per_token_weights(masks: mx.array, *, group=None) -> mx.array:
 
 
 def accumulation_weights_for(loss_type: str) -> Callable[[mx.array], mx.array]:
-    """The micro-batch weighting matching ``loss_type``'s normaliser."""
-    if loss_type in PER_SEQUENCE_LOSSES:
-        return per_sequence_weights
-    if loss_type in PER_TOKEN_LOSSES:
-        return per_token_weights
-    raise ValueError(
-        f"no gradient-accumulation rule for loss_type={loss_type!r}; "
-        f"known: {list(PER_SEQUENCE_LOSSES + PER_TOKEN_LOSSES)}"
-    )
+    """The micro-batch weighting matching ``loss_type``'s normaliser (:data:`LOSSES`)."""
+    if loss_type not in LOSSES:
+        raise ValueError(
+            f"no gradient-accumulation rule for loss_type={loss_type!r}; known: {list(LOSSES)}"
+        )
+    return per_token_weights if LOSSES[loss_type].per_token else per_sequence_weights
 
 
 # -- bucketing ---------------------------------------------------------------------------
