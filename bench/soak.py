@@ -69,7 +69,7 @@ class Recorder:
 
 def run(args) -> dict:
     import grpo.tasks  # noqa: F401  (registers the "exact_match" reward)
-    from grpo.io import default_job
+    from grpo import default_job
     from grpo.io.tiny import build_tiny_model
     from grpo.trainer import GRPOTrainer
 

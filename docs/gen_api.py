@@ -47,9 +47,9 @@ MODULES = [
     ("grpo.io.plot", "Plots"),
     ("grpo.io.dist", "Data parallelism (processes)"),
     ("grpo.io.tiny", "Tiny models"),
-    ("grpo.io.warmstart", "Warm start"),
+    ("grpo.warmstart", "Warm start"),
     ("grpo.io.signals", "Interrupts"),
-    ("grpo.io.default_job", "The default job"),
+    ("grpo.default_job", "The default job"),
 ]
 _listed = {m for m, _ in MODULES}
 MODULES += [(m, m) for m in sorted(set(grpo._WHERE.values())) if m not in _listed]

@@ -57,8 +57,8 @@ _EXPORTS = {
     "grpo.io.signals": ["TrainingInterrupted", "InterruptGuard"],
     "grpo.io.dist": ["init_distributed", "is_main_process", "main_only", "fail_fast"],
     "grpo.tasks": ["make_dataset", "exact_match", "TASKS", "get_task"],
-    "grpo.io.warmstart": ["warm_start", "WarmStartConfig"],
-    "grpo.io.default_job": ["ensure_model"],
+    "grpo.warmstart": ["warm_start", "WarmStartConfig"],
+    "grpo.default_job": ["ensure_model"],
     "grpo.io.plot": ["plot_reward_curve"],
     "grpo.config": ["GRPOConfig"],
     "grpo.errors": [

@@ -1,6 +1,6 @@
 """The ``grpo`` command line: ``grpo train`` and ``grpo eval``.
 
-``grpo train`` with no flags runs the embedded default job (:mod:`grpo.io.default_job`): a
+``grpo train`` with no flags runs the embedded default job (:mod:`grpo.default_job`): a
 cached, warm-started tiny model learns the built-in ``reverse`` task by GRPO and writes
 ``metrics.jsonl`` and ``reward_curve.png`` to ``grpo_output/``. Every
 :class:`grpo.config.GRPOConfig` field is a flag (``--learning_rate 1e-5``) and a key of the
@@ -399,7 +399,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from grpo.io.default_job import DEFAULT_TRAIN_ARGS
+    from grpo.default_job import DEFAULT_TRAIN_ARGS
 
     parser = _Parser(
         prog="grpo",
@@ -558,7 +558,7 @@ class Run:
     """Everything ``train`` / ``eval`` needs, resolved from flags, YAML and defaults."""
 
     def __init__(self, args: argparse.Namespace, *, command: str):
-        from grpo.io import default_job
+        from grpo import default_job
 
         file_cfg, file_run = ({}, {})
         if args.config:
@@ -604,7 +604,7 @@ class Run:
         weights. ``log`` receives rank 0's progress lines (callers pass a no-op on the other
         ranks); another rank that builds prints its own with a ``[rank r/W]`` prefix.
         """
-        from grpo.io import default_job
+        from grpo import default_job
         from grpo.io.dist import barrier, is_main_process, rank_prefix
 
         if not self.default_model:
@@ -624,11 +624,11 @@ class Run:
 
     def rows(self, *, split: str):
         if self.task is not None:
-            from grpo.io.default_job import default_dataset
+            from grpo.default_job import default_dataset
 
             if split == "train":
                 return default_dataset(self.task)
-            from grpo.io.default_job import default_eval_dataset
+            from grpo.default_job import default_eval_dataset
 
             return default_eval_dataset(self.task, n=EVAL_ROWS)
         from grpo.io.data import load_prompts

@@ -13,7 +13,7 @@ import pytest
 
 from grpo import cli
 from grpo.config import GRPOConfig
-from grpo.io.default_job import DEFAULT_TRAIN_ARGS
+from grpo.default_job import DEFAULT_TRAIN_ARGS
 
 
 def run_main(argv, capsys):

@@ -8,7 +8,7 @@ import pytest
 from grpo import cli
 from grpo import evaluate as E
 from grpo.config import GRPOConfig
-from grpo.io.default_job import default_dataset, default_eval_dataset
+from grpo.default_job import default_dataset, default_eval_dataset
 from grpo.tasks import exact_match, make_dataset
 
 SMALL = [

@@ -33,3 +33,14 @@ def _imports(path):
 def test_core_never_imports_io_trainer_or_cli(path):
     bad = [m for m in _imports(path) if m.startswith(FORBIDDEN)]
     assert not bad, f"{path.name} imports {bad}"
+
+
+IO = pathlib.Path(grpo.__file__).parent / "io"
+IO_FORBIDDEN = ("grpo.trainer", "grpo.cli", "grpo.config", "grpo.tasks", "grpo.default_job")
+
+
+@pytest.mark.parametrize("path", sorted(IO.glob("*.py")), ids=lambda p: p.name)
+def test_io_never_imports_the_facade_or_cli(path):
+    bad = [m for m in _imports(path) if m.startswith(IO_FORBIDDEN)]
+    bad += ["grpo"] if "grpo" in list(_imports(path)) else []
+    assert not bad, f"{path.name} imports {bad}"

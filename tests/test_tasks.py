@@ -7,8 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import grpo  # noqa: F401  (fast BLAS before mlx)
-from grpo.io import default_job
-from grpo.io.warmstart import WarmStartConfig, encode_examples, sft_loss, warm_start
+from grpo import default_job
 from grpo.tasks import (
     TASKS,
     char_match,
@@ -17,6 +16,7 @@ from grpo.tasks import (
     get_task,
     make_dataset,
 )
+from grpo.warmstart import WarmStartConfig, encode_examples, sft_loss, warm_start
 
 letters = st.text(alphabet="abcdefghij", max_size=7)
 

@@ -7,7 +7,7 @@ once per group when the model's attention reads ``SharedPrefixKVCache``, otherwi
 gathered into every row), and decodes all ``N = B * G`` rows together. One decode step (model call on a fixed-shape
 ``BatchKVCache`` subclass + sampling) is ``mx.compile``d per (model, config); shapes are
 bucketed (prompt length, KV capacity, live-row count) so it does not retrace after
-warm-up. The token loop is Python, as in ``mlx_lm.generate`` (STYLE rule 7); every
+warm-up. The token loop is Python, as in ``mlx_lm.generate``; every
 ``CHECK_EVERY`` steps the host reads which rows ended, stops when all have, and drops
 finished rows once at most ``FILTER_FRACTION`` are live. docs/sampler.md has the details.
 """

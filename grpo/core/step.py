@@ -7,7 +7,7 @@
 
 ``train_step(state, batch) -> (state, metrics)`` is a pure function of its arguments wrapped
 by ``mx.compile``: the model, optimizer object, loss function and config are closed-over
-constants (STYLE rules 4, 5, 7). ``batch`` is a NamedTuple whose every leaf has a leading
+constants, never traced arguments. ``batch`` is a NamedTuple whose every leaf has a leading
 micro-batch axis ``K = gradient_accumulation_steps``; micro-batch ``k`` is weighted by
 ``w_k``, its share of the loss type's normaliser over the accumulated batch, so the update
 equals one big-batch update.
@@ -127,7 +127,7 @@ def _clip(grads, max_grad_norm: float):
 
 
 def _apply(optimizer, grads, params, opt_state):
-    # STYLE rule 5: the only place the optimizer object meets the traced arrays.
+    # The only place the optimizer object meets the traced arrays.
     # The update runs in float32 and is cast back: in float16, Adam's eps=1e-8 rounds to 0,
     # so a zero gradient (e.g. uniform rewards) would make m / (sqrt(v) + eps) = 0 / 0.
     optimizer.state = opt_state

@@ -2,7 +2,7 @@
 
 With no flags, ``grpo train`` builds a seeded tiny Llama model and character tokenizer
 (:func:`grpo.io.tiny.build_tiny_model`), warm-starts it on generated examples of the
-built-in ``reverse`` task (:mod:`grpo.io.warmstart`), caches it under the user's cache
+built-in ``reverse`` task (:mod:`grpo.warmstart`), caches it under the user's cache
 directory, loads it through ``mlx_lm.load`` and trains it with GRPO on the same task with
 its per-character exact-answer reward.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import attrs
 
 import grpo
-from grpo.io.warmstart import WarmStartConfig
 from grpo.tasks import DEFAULT_TASK, get_task
+from grpo.warmstart import WarmStartConfig
 
 # Model and warm start of the default job. Measured on a shared 2-core Linux CPU: ~100
 # supervised steps give a sampled (T=1) reward of ~0.3-0.4 on `reverse`, from which GRPO
@@ -116,7 +116,7 @@ def _build(path: Path, *, task: str, size: str, seed: int, warm_start: WarmStart
     from mlx.utils import tree_flatten
 
     from grpo.io.tiny import build_tiny_model
-    from grpo.io.warmstart import warm_start as run_warm_start
+    from grpo.warmstart import warm_start as run_warm_start
 
     build_tiny_model(path, size=size, seed=seed)
     if warm_start.steps == 0:
