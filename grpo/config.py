@@ -15,12 +15,11 @@ from typing import Any
 
 import attrs
 
-from grpo.core.loss import LOSS_TYPES
+from grpo.core.loss import LOSS_TYPES  # noqa: F401  (re-exported: the loss types a config takes)
 from grpo.core.optim import lr_factor, optimizer_kind, parse_optim_args, warmup_steps_for
 from grpo.errors import ConfigError
 
 SCALE_REWARDS = ("group", "batch", "none")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
 
@@ -459,15 +458,16 @@ class GRPOConfig:
             check(self, errors)
         _check_finite(self, errors)
         _check_reliability(self, errors)
+        # The loss fields (loss_type, beta, epsilon, temperature, ...) are checked once, by
+        # LossConfig, the class that owns them; its problems are reported with the others.
+        try:
+            self.to_loss_config()
+        except (ValueError, TypeError) as e:
+            errors.items.extend(str(e).split("\n  - "))
         errors.raise_if_any()
         if self.disable_dropout:  # TRL: every dropout off, LoRA's included
             object.__setattr__(self, "lora_dropout", 0.0)
         _warn_ignored(self)
-        # The loss's own checks (sapo / vespo / entropy knobs) run here too, at construction.
-        try:
-            self.to_loss_config()
-        except ValueError as e:
-            raise ConfigError(f"Invalid GRPOConfig:\n  - {e}") from e
 
     # -- resolved batch geometry (TRL fills these in __post_init__; we keep fields as given
     # so attrs.evolve stays valid, and resolve here) ----------------------------------------
@@ -665,12 +665,8 @@ def _check_batches(cfg: GRPOConfig, errors: _Errors):
 
 
 def _check_generation(cfg: GRPOConfig, errors: _Errors):
-    _positive_int(errors, cfg, "max_completion_length")
     if cfg.max_prompt_length is not None:
         _positive_int(errors, cfg, "max_prompt_length")
-    errors.check(
-        cfg.temperature > 0, f"temperature must be > 0, got temperature={cfg.temperature!r}"
-    )
     errors.check(0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got top_p={cfg.top_p!r}")
     errors.check(cfg.top_k >= 0, f"top_k must be >= 0 (0 disables it), got top_k={cfg.top_k!r}")
     if cfg.min_p is not None:
@@ -696,24 +692,10 @@ def _one_of(errors: _Errors, cfg: GRPOConfig, name: str, allowed: tuple):
 
 
 def _check_loss(cfg: GRPOConfig, errors: _Errors):
-    _one_of(errors, cfg, "loss_type", LOSS_TYPES)
+    # The loss's own fields (loss_type, beta, epsilon, ...) are checked once, by LossConfig,
+    # when __attrs_post_init__ builds it; these are the advantage and reward settings.
     _one_of(errors, cfg, "scale_rewards", SCALE_REWARDS)
-    _one_of(errors, cfg, "importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
     _one_of(errors, cfg, "multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS)
-    errors.check(cfg.beta >= 0, f"beta must be >= 0, got beta={cfg.beta!r}")
-    errors.check(cfg.epsilon > 0, f"epsilon must be > 0, got epsilon={cfg.epsilon!r}")
-    if cfg.epsilon_high is not None:
-        errors.check(
-            cfg.epsilon_high > 0, f"epsilon_high must be > 0, got epsilon_high={cfg.epsilon_high!r}"
-        )
-    if cfg.delta is not None:
-        errors.check(
-            cfg.delta > 1, f"delta must be > 1 (an upper ratio bound), got delta={cfg.delta!r}"
-        )
-    errors.check(
-        0.0 <= cfg.top_entropy_quantile <= 1.0,
-        f"top_entropy_quantile must be in [0, 1], got top_entropy_quantile={cfg.top_entropy_quantile!r}",
-    )
     if cfg.reward_weights is not None:
         errors.check(
             len(cfg.reward_weights) > 0

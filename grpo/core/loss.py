@@ -53,14 +53,11 @@ Metrics = dict[str, mx.array]
 def _one_of(choices):
     def check(instance, attribute, value):
         if value not in choices:
-            raise ValueError(f"LossConfig.{attribute.name} must be one of {choices}, got {value!r}")
+            raise ValueError(
+                f"{attribute.name} must be one of {list(choices)}, got {attribute.name}={value!r}"
+            )
 
     return check
-
-
-def _require(ok: bool, field: str, value, what: str) -> None:
-    if not ok:
-        raise ValueError(f"LossConfig.{field} must be {what}, got {field}={value!r}")
 
 
 @attrs.frozen
@@ -119,15 +116,19 @@ class LossConfig:
     def __attrs_post_init__(self):
         if self.epsilon_high is None:
             object.__setattr__(self, "epsilon_high", self.epsilon)
-        _require(_finite(self.epsilon) and self.epsilon >= 0, "epsilon", self.epsilon, ">= 0")
+        problems: list[str] = []
+
+        def _require(ok, field, value, what):  # every problem is reported, not only the first
+            if not ok:
+                problems.append(f"{field} must be {what}, got {field}={value!r}")
+
+        _require(_finite(self.epsilon) and self.epsilon > 0, "epsilon", self.epsilon, "> 0")
         _require(
-            _finite(self.epsilon_high) and self.epsilon_high >= 0,
+            _finite(self.epsilon_high) and self.epsilon_high > 0,
             "epsilon_high",
             self.epsilon_high,
-            ">= 0",
+            "> 0",
         )
-        if self.loss_type == "cispo":
-            _require(self.epsilon_high > 0, "epsilon_high", self.epsilon_high, "> 0 for cispo")
         if self.delta is not None:
             _require(_finite(self.delta) and self.delta > 1, "delta", self.delta, "None or > 1")
         _require(_finite(self.beta) and self.beta >= 0, "beta", self.beta, ">= 0")
@@ -139,7 +140,7 @@ class LossConfig:
         c = self.entropy_coef
         _require(_finite(c) and c >= 0, "entropy_coef", c, ">= 0")
         n = self.max_completion_length
-        _require(isinstance(n, int) and n > 0, "max_completion_length", n, "a positive int")
+        _require(isinstance(n, int) and n > 0, "max_completion_length", n, "an integer >= 1")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             v = getattr(self, name)
             _require(_finite(v) and v > 0, name, v, "> 0")
@@ -152,6 +153,8 @@ class LossConfig:
             self.temperature,
             "> 0",
         )
+        if problems:
+            raise ValueError("\n  - ".join(problems))
 
 
 def _finite(x) -> bool:
