@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import grpo
-from grpo.core.loss import LOSS_TYPES
+from grpo.config import field_help
 
 # YAML keys of --config besides the GRPOConfig fields.
 RUN_KEYS = ("model", "dataset", "reward", "adapter_path")
@@ -84,137 +84,8 @@ def _unknown_flags(parser: argparse.ArgumentParser, words: list[str]) -> str:
 
 # -- GRPOConfig fields as typed flags -------------------------------------------------------
 
-# One line per GRPOConfig field for `grpo train --help` and docs/api.md (a test checks that
-# every field has one).
-FIELD_HELP: dict[str, str] = {
-    "use_lora": "Train LoRA adapters (mlx-lm `linear_to_lora_layers`) instead of every weight. The CLI defaults to true (memory); in Python, `None` follows TRL: every weight unless `peft_config` is given.",
-    "lora_rank": "LoRA rank `r`.",
-    "lora_alpha": "LoRA alpha; the adapter scale is `lora_alpha / lora_rank`.",
-    "lora_dropout": "Dropout on the LoRA input (0 keeps rollout, reference and policy forwards identical).",
-    "lora_num_layers": "Adapt only the last N transformer layers (`None`: all).",
-    "lora_target_modules": "Module names to adapt (`None`: mlx-lm's defaults for the architecture).",
-    "quantize_bits": "Quantise the frozen base model at load (QLoRA); needs `use_lora=True`.",
-    "quantize_group_size": "Group size of that quantisation (32, 64 or 128).",
-    "trust_remote_code": "Allow models and tokenizers that ship custom code.",
-    "adapter_path": "Continue training the mlx-lm LoRA adapters in this directory.",
-    "router_aux_loss_coef": "MoE load-balancing loss weight (TRL); must be None or 0: mlx-lm models "
-    "expose no router logits.",
-    "gradient_checkpointing": "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).",
-    "max_prompt_length": "Prompts longer than this keep their last tokens (`None`: no limit).",
-    "shuffle_dataset": "Shuffle the training prompts (seeded by `seed`).",
-    "pad_to_multiple_of": "Pad prompt/completion lengths to a multiple of this (`None`: next power of two).",
-    "num_generations": "`G`, completions sampled per prompt (>= 2).",
-    "max_completion_length": "Maximum completion tokens; longer completions are truncated.",
-    "generation_batch_size": "Completions per generation batch (default `per_device_train_batch_size * steps_per_generation`).",
-    "steps_per_generation": "Micro-batches per generation batch (default `gradient_accumulation_steps`).",
-    "temperature": "Sampling temperature; log-probs are taken at the same temperature.",
-    "top_p": "Nucleus sampling mass (1.0 = off).",
-    "top_k": "Keep the k most likely tokens (0 = off).",
-    "min_p": "Drop tokens below `min_p` times the top probability (`None` = off).",
-    "repetition_penalty": "CTRL repetition penalty over prompt and completion (1.0 = off).",
-    "max_tool_calling_iterations": "Most rounds of tool calls per completion (`None`: until the budget is spent).",
-    "tool_call_format": "Tool-call format: hermes, llama3 or mistral (`None`: detected from the chat template).",
-    "beta": "KL coefficient against the reference model (0 = no reference, no KL term).",
-    "num_iterations": "Passes over each generation batch (`mu` in the GRPO paper).",
-    "epsilon": "Lower clip of the importance ratio, `1 - epsilon`.",
-    "epsilon_high": "Upper clip `1 + epsilon_high` (`None`: `epsilon`; DAPO uses 0.28). For `cispo` the ratio cap.",
-    "delta": "Two-sided clipping: upper bound on the unclipped ratio (`None` = off; must be > 1).",
-    "importance_sampling_level": "`token` ratios, or `sequence` (GSPO) ratios.",
-    "reward_weights": "Weight of each reward function (`None`: all 1).",
-    "reward_timeout": "Seconds a reward function call may take before the step fails with a RewardError naming it (`None`: no limit).",
-    "multi_objective_aggregation": "`sum_then_normalize` (GRPO) or `normalize_then_sum` (GDPO).",
-    "scale_rewards": "Divide advantages by the `group` std, the `batch` std, or not at all (`none`, Dr. GRPO).",
-    "loss_type": "Loss normalisation / surrogate: " + ", ".join(LOSS_TYPES) + ".",
-    "mask_truncated_completions": "Exclude completions that hit `max_completion_length` from the loss (DAPO).",
-    "top_entropy_quantile": "Train only on the top fraction of tokens by entropy (1.0 = all).",
-    "use_bias_correction_kl": "Multiply the k3 KL by the importance ratio.",
-    "off_policy_mask_threshold": "Drop negative-advantage sequences whose policy drifted more than this (`None` = off).",
-    "entropy_coef": "Coefficient of an entropy bonus (0 = off).",
-    "sapo_temperature_neg": "SAPO gate temperature for non-positive advantages.",
-    "sapo_temperature_pos": "SAPO gate temperature for positive advantages.",
-    "vespo_k_pos": "VESPO Gamma-weight shape for positive advantages.",
-    "vespo_lambda_pos": "VESPO Gamma-weight rate for positive advantages.",
-    "vespo_k_neg": "VESPO Gamma-weight shape for negative advantages.",
-    "vespo_lambda_neg": "VESPO Gamma-weight rate for negative advantages.",
-    "learning_rate": "Peak learning rate.",
-    "lr_scheduler_type": "transformers' schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay.",
-    "lr_scheduler_kwargs": "The schedule's extra arguments as a JSON object, e.g. '{\"min_lr_rate\": 0.1}'.",
-    "warmup_ratio": "Fraction of steps for linear warmup, rounded up (used when `warmup_steps` is 0).",
-    "warmup_steps": "Steps of linear warmup; a value below 1 is a fraction of the run (transformers 5).",
-    "weight_decay": "Weight decay (decoupled for AdamW); biases and norm weights never decay, as in transformers.",
-    "optim": "transformers' optimizer name: adamw_torch (= torch AdamW, bias-corrected), adamw_torch_fused, adamw_hf, adamw_8bit (float32 states), adam, sgd, adafactor.",
-    "optim_args": "Extra optimizer arguments 'k=v,k=v' (sgd: momentum, dampening, nesterov).",
-    "adam_beta1": "Adam beta1.",
-    "adam_beta2": "Adam beta2.",
-    "adam_epsilon": "Adam epsilon.",
-    "max_grad_norm": "Clip the global gradient norm to this, as torch's clip_grad_norm_ (0 = off); `grad_norm` logs the norm before clipping.",
-    "per_device_train_batch_size": "Completions (rows) per micro-batch, on each rank under mlx.launch (as in TRL).",
-    "gradient_accumulation_steps": "Micro-batches per optimizer step.",
-    "max_steps": "Optimizer steps to run (-1: derive from `num_train_epochs`).",
-    "num_train_epochs": "Epochs over the prompts when `max_steps` is -1.",
-    "seed": "Seeds LoRA init, prompt order and sampling.",
-    "output_dir": "Where metrics, checkpoints and the trained weights go.",
-    "logging_steps": "Write a `metrics.jsonl` record every N optimizer steps (a value below 1 is a fraction of the run).",
-    "save_steps": "Checkpoint every N optimizer steps, at generation-batch boundaries (a value below 1 is a fraction of the run).",
-    "overwrite_output_dir": "Delete another run's checkpoints, metrics and weights in `output_dir` before the first save (without it, such a directory is refused).",
-    "save_total_limit": "Keep at most N checkpoints (`None`: all).",
-    "eval_steps": "With `eval_strategy=steps`, evaluate every N steps (a value below 1 is a fraction of the run; `None`: `logging_steps`).",
-    "per_device_eval_batch_size": "Completions per evaluation chunk.",
-    "num_generations_eval": "Completions per prompt at evaluation (`None`: `num_generations`).",
-    "log_completions": "Print a table of prompts, completions, rewards and advantages at each log.",
-    "num_completions_to_print": "Rows of that table (`None`: all).",
-    "disable_tqdm": "Hide the progress bar.",
-    "report_to": "Trackers besides `metrics.jsonl`: tensorboard, wandb, trackio, all (those installed) or none; each imported only when named (`pip install 'mlx-grpo[report]'`).",
-    "run_name": "Run name given to wandb and trackio.",
-    "push_to_hub": "Upload output_dir (weights + README.md model card) to `hub_model_id` through huggingface_hub at `push_to_hub()`, `save_model()` and per `hub_strategy`.",
-    "hub_token": "Hugging Face token for the pushes (`None`: huggingface_hub's login).",
-    "hub_private_repo": "Create the Hub repository private.",
-    "hub_model_id": "Hub repository `owner/name` (`None`: the name of output_dir).",
-    "hub_strategy": "`every_save` (each checkpoint's weights), `checkpoint` (also `last-checkpoint/`), `all_checkpoints` or `end`, as in transformers.",
-    "hub_revision": "Branch the pushes commit to (`None`: main).",
-    "project": "Project of the wandb (unless `WANDB_PROJECT` is set) and trackio runs.",
-    "logging_dir": "TensorBoard event directory (`TENSORBOARD_LOGGING_DIR` first; `None`: `output_dir/runs/<time>_<host>`).",
-    "trackio_space_id": "Hugging Face Space that trackio syncs the run to (`None`: the local store only).",
-    "trackio_bucket_id": "Hugging Face bucket for trackio's data (`None`: none).",
-    "bf16": "Compute in bfloat16: float weights are cast at load (`None`, the default, keeps the checkpoint's dtype; TRL defaults to bf16 autocast).",
-    "fp16": "Compute in float16: float weights are cast at load.",
-    "model_init_kwargs": "TRL's model kwargs as JSON; `dtype`/`torch_dtype` casts the weights at load, other keys are ignored with a warning.",
-    "disable_dropout": "Turn off dropout (LoRA dropout included) so every forward is deterministic.",
-    "chat_template_kwargs": "Extra arguments to the tokenizer's chat template as JSON, e.g. '{\"enable_thinking\": false}'.",
-    "generation_kwargs": "Sampling overrides as JSON (top_p, top_k, min_p, repetition_penalty), as TRL passes them to generation.",
-    "logging_strategy": "`steps` (every `logging_steps`), `epoch` or `no`, as in transformers.",
-    "logging_first_step": "Also log after the first optimizer step.",
-    "save_strategy": "`steps` (every `save_steps`), `epoch` or `no` (no checkpoints), as in transformers.",
-    "eval_strategy": "`no`, `steps` (every `eval_steps`, default `logging_steps`) or `epoch`, as in transformers.",
-    "eval_on_start": "Evaluate once before the first step (needs an eval dataset).",
-    "data_seed": "Seed of the prompt order (`None`: `seed`).",
-    "remove_unused_columns": "Accepted (TRL default False): every dataset column reaches the reward functions.",
-    "sync_ref_model": "TR-DPO: every `ref_model_sync_steps` steps mix the policy into the reference (full fine-tune, beta > 0).",
-    "ref_model_mixup_alpha": "TR-DPO mix `ref = (1 - alpha) ref + alpha policy`.",
-    "ref_model_sync_steps": "Steps between TR-DPO reference syncs.",
-    "use_adaptive_entropy": "Adapt the entropy-bonus coefficient each step towards `entropy_target` (TRL's controller).",
-    "entropy_coef_min": "Lower bound of the adaptive entropy coefficient.",
-    "entropy_coef_max": "Upper bound of the adaptive entropy coefficient.",
-    "entropy_coef_delta": "Change of the adaptive entropy coefficient per step.",
-    "entropy_target": "Mean entropy at or below which the adaptive controller raises the bonus.",
-}
-
-
-def _metadata_help() -> dict[str, str]:
-    import attrs
-
-    from grpo.config import GRPOConfig
-
-    out = {}
-    for f in attrs.fields(GRPOConfig):
-        if f.metadata.get("ignored"):
-            out[f.name] = f"TRL/transformers field, no effect on MLX: {f.metadata['ignored']}."
-        elif f.metadata.get("script"):
-            out[f.name] = "Read by a training script, not by the trainer (as in transformers)."
-    return out
-
-
-FIELD_HELP.update(_metadata_help())
+# One line of help per GRPOConfig field, read from the field's metadata (grpo.config).
+FIELD_HELP: dict[str, str] = field_help()
 
 
 def config_fields() -> list[tuple[str, Any, Any]]:
