@@ -67,6 +67,7 @@ def sig(obj):
     except (TypeError, ValueError):
         return "(...)"
     s = re.sub(r"(: |-> )'([^']*)'", r"\1\2", s)
+    s = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"\1", s)  # defaults by name, not address
     return s.replace("<", "&lt;")
 
 
