@@ -22,6 +22,7 @@ _EXPORTS = {
         "completion_logprobs", "lora_reference_params",
     ],
     "grpo.core.batch": ["LossBatch", "pack"],
+    "grpo.core.pipeline": ["pad_rollout", "loss_batch", "per_micro", "micro_batches"],
     "grpo.core.sampling": ["SamplingConfig"],
     "grpo.core.rollout": ["rollout", "Rollout", "Sampler"],
     "grpo.core.multiturn": ["multiturn_rollout", "MultiTurnRollout", "Turn"],
@@ -29,7 +30,7 @@ _EXPORTS = {
         "score", "Scores", "RewardContext", "check_reward_fns", "reward_weights",
         "reward_metrics",
     ],
-    "grpo.core.state": ["TrainState"],
+    "grpo.core.state": ["TrainState", "init_state"],
     "grpo.core.step": ["make_train_step", "bucket_length"],
     "grpo.core.optim": [
         "make_optimizer", "make_schedule", "build_optimizer", "decay_parameter_names",
@@ -48,6 +49,7 @@ _EXPORTS = {
     "grpo.io.data": [
         "load_prompts", "PromptSampler", "PromptBatch", "PromptEncoder", "PromptTooLongError",
         "render_prompt", "encode_prompt", "stop_token_sequences", "decode_completions",
+        "decode_rollout", "eos_token_ids",
     ],
     "grpo.io.model": ["load_model", "prepare_policy"],
     "grpo.io.fast_attention": ["install_fast_kernels"],

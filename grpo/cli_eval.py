@@ -339,7 +339,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import mlx.core as mx
     import mlx_lm
 
-    from grpo.trainer import eos_token_ids
+    from grpo.io.data import eos_token_ids
 
     ns = copy.copy(args)
     ns.reward = "exact_match" if args.dataset else None

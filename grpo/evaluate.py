@@ -108,7 +108,7 @@ def sample_model(
     ``per_device_eval_batch_size // n``. Same model, rows, ``n`` and ``seed`` give the
     same :class:`Samples`.
     """
-    from grpo.trainer import eos_token_ids
+    from grpo.io.data import eos_token_ids
 
     rows = list(rows)
     encoder = prompt_encoder(model, tokenizer, cfg)

@@ -34,7 +34,7 @@ from grpo.callbacks import TrainerControl, TrainerState, dispatch
 from grpo.config import GRPOConfig
 from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
-from grpo.core.batch import LossBatch, pack
+from grpo.core.batch import LossBatch
 from grpo.core.controllers import (
     applied_entropy_coef,
     sync_reference,
@@ -43,6 +43,13 @@ from grpo.core.controllers import (
 )
 from grpo.core.loss import completion_logprobs, grpo_loss
 from grpo.core.optim import decay_parameter_names, make_optimizer
+from grpo.core.pipeline import (
+    loss_batch,
+    micro_batches,
+    pad_right,
+    pad_rollout,
+    per_micro,
+)
 from grpo.core.rollout import Rollout, rollout
 from grpo.core.score import (
     RewardContext,
@@ -51,7 +58,7 @@ from grpo.core.score import (
     score,
 )
 from grpo.core.state import TrainState, init_state
-from grpo.core.step import bucket_length, make_train_step
+from grpo.core.step import make_train_step
 from grpo.errors import CheckpointError, ConfigError, NumericsError
 from grpo.flow import Flow
 from grpo.io import checkpoint as ckpt
@@ -60,10 +67,10 @@ from grpo.io.data import (
     PromptEncoder,
     PromptSampler,
     PromptTooLongError,
-    _hf_tokenizer,
     check_prompts,
     column_names,
-    decode_completions,
+    decode_rollout,
+    eos_token_ids,
     load_prompts,
 )
 from grpo.io.dist import (
@@ -100,43 +107,8 @@ class NonFiniteError(NumericsError):
     """A loss or gradient became NaN/inf; the weights were not updated."""
 
 
-def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
-    """EOS ids of an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer."""
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if ids:
-        return tuple(sorted(int(i) for i in ids))
-    eos = getattr(_hf_tokenizer(tokenizer), "eos_token_id", None)
-    if eos is None:
-        raise ConfigError("the tokenizer has no eos_token_id; completions could never end")
-    return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
-
-
 def _temperature_only(cfg: GRPOConfig) -> bool:
     return cfg.top_p == 1.0 and cfg.top_k == 0 and not cfg.min_p and cfg.repetition_penalty == 1.0
-
-
-def _pad_right(x: mx.array, length: int, value=0) -> mx.array:
-    extra = length - x.shape[1]
-    return x if extra <= 0 else mx.pad(x, [(0, 0), (0, extra)], constant_values=value)
-
-
-def _rows(batch: LossBatch, start: int, stop: int) -> LossBatch:
-    return LossBatch(*(None if x is None or x.ndim == 0 else x[start:stop] for x in batch))
-
-
-def _windows(batch: LossBatch, *, micro: int, K: int) -> list[LossBatch]:
-    """Split ``N`` rows into micro-batches of ``micro`` rows, ``K`` per optimizer step."""
-    N = batch.input_ids.shape[0]
-    S = N // micro
-
-    def split(x):
-        return None if x is None else x.reshape(S, micro, *x.shape[1:])
-
-    stacked = LossBatch(*(split(x) for x in batch))
-    return [
-        LossBatch(*(None if x is None else x[w * K : (w + 1) * K] for x in stacked))
-        for w in range(S // K)
-    ]
 
 
 def _completion_metrics(roll: Rollout, tool_mask: mx.array | None = None) -> dict[str, float]:
@@ -522,24 +494,13 @@ class GRPOTrainer:
     # -- generation ------------------------------------------------------------------------
 
     def _decode(self, roll: Rollout) -> tuple[list[list[int]], list[str]]:
-        ids = np.array(roll.completion_ids)
-        lengths = np.array(roll.completion_lengths)
-        rows = [ids[i, : lengths[i]].tolist() for i in range(ids.shape[0])]
-        return rows, decode_completions(rows, self.processing_class)
+        return decode_rollout(roll, self.processing_class)
 
     def _pad(self, roll: Rollout) -> Rollout:
-        cfg = self.args
-        T = bucket_length(
-            roll.completion_ids.shape[1],
-            multiple=cfg.pad_to_multiple_of,
-            cap=cfg.max_completion_length,
-        )
-        P = bucket_length(roll.prompt_ids.shape[1], multiple=cfg.pad_to_multiple_of)
-        return roll._replace(
-            prompt_ids=_pad_right(roll.prompt_ids, P),
-            completion_ids=_pad_right(roll.completion_ids, T),
-            logprobs=_pad_right(roll.logprobs, T, 0.0),
-            completion_mask=_pad_right(roll.completion_mask, T, 0.0),
+        return pad_rollout(
+            roll,
+            multiple=self.args.pad_to_multiple_of,
+            max_completion=self.args.max_completion_length,
         )
 
     def _score(self, prompts, roll, columns, *, step: int, completions=None):
@@ -585,12 +546,10 @@ class GRPOTrainer:
 
     def _per_micro(self, fn, params, batch: LossBatch) -> mx.array:
         n = self.args.per_device_train_batch_size
-        N = batch.input_ids.shape[0]
         # Reference / old log-probs are dropout-free (eval mode), the step runs in train mode;
         # each compiled function is traced once in its mode.
         self.model.eval()
-        parts = [fn(params, _rows(batch, s, s + n)) for s in range(0, N, n)]
-        out = mx.concatenate(parts, axis=0)
+        out = per_micro(fn, params, batch, micro=n)
         mx.eval(out)
         self.model.train()
         self.model.update(self.train_state.params)  # drop the trace's placeholders from the model
@@ -604,20 +563,11 @@ class GRPOTrainer:
         tool_mask: mx.array | None = None,
         sampled_logprobs: bool = True,
     ) -> LossBatch:
-        mask = roll.completion_mask
-        if tool_mask is not None:
-            # Tokens the model did not sample (tool results, template glue) never train,
-            # neither in the surrogate nor in the KL.
-            mask = mask * tool_mask
-        if self.args.mask_truncated_completions:
-            # DAPO: truncated completions carry no signal about the answer; drop them.
-            mask = mask * (~roll.is_truncated)[:, None].astype(mask.dtype)
-        batch = LossBatch(
-            input_ids=pack(roll.prompt_ids, roll.prompt_lengths, roll.completion_ids),
-            completion_start=roll.prompt_lengths.astype(mx.int32),
-            completion_ids=roll.completion_ids,
-            completion_mask=mask,
-            advantages=advantages.astype(mx.float32),
+        batch = loss_batch(
+            roll,
+            advantages,
+            tool_mask=tool_mask,
+            mask_truncated=self.args.mask_truncated_completions,
         )
         if self.policy.ref_params is not None:
             batch = batch._replace(
@@ -666,7 +616,7 @@ class GRPOTrainer:
         metrics = self._all_reduce(metrics)
         roll = self._pad(roll)
         if tool_mask is not None:
-            tool_mask = _pad_right(tool_mask, roll.completion_ids.shape[1], 0.0)
+            tool_mask = pad_right(tool_mask, roll.completion_ids.shape[1], 0.0)
         batch = self._loss_batch(
             roll,
             adv.advantages,
@@ -677,7 +627,7 @@ class GRPOTrainer:
         tokens = int(np.array(roll.prompt_lengths).sum() + np.array(lengths).sum())
         if D.is_distributed(self.group):
             tokens = int(D.all_sum(mx.array(tokens), group=self.group).item())
-        windows = _windows(
+        windows = micro_batches(
             batch,
             micro=self.args.per_device_train_batch_size,
             K=self.args.gradient_accumulation_steps,

@@ -44,3 +44,35 @@ def test_io_never_imports_the_facade_or_cli(path):
     bad = [m for m in _imports(path) if m.startswith(IO_FORBIDDEN)]
     bad += ["grpo"] if "grpo" in list(_imports(path)) else []
     assert not bad, f"{path.name} imports {bad}"
+
+
+def test_trainer_runs_the_public_pieces_a_custom_loop_uses(tiny_model_dir, tmp_path, monkeypatch):
+    """The notebook and docs/all-of-grpo.md compose these same functions."""
+    from helpers import PROMPTS, tiny_args
+
+    import grpo.trainer as trainer_module
+
+    calls = {}
+    for name in ("pad_rollout", "loss_batch", "micro_batches", "per_micro", "decode_rollout",
+                 "eos_token_ids", "make_train_step", "make_optimizer", "init_state", "rollout",
+                 "score", "grpo_loss"):  # fmt: skip
+        real = getattr(trainer_module, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(trainer_module, name, spy)
+        assert getattr(grpo, name) is real  # the very function the package exports
+
+    def lowercase(completions, **kwargs):
+        return [sum(ch.islower() for ch in t) / max(len(t), 1) for t in completions]
+
+    args = tiny_args(tmp_path, max_steps=2, beta=0.04)
+    trainer_module.GRPOTrainer(str(tiny_model_dir), lowercase, args=args,
+                               train_dataset=PROMPTS).train()  # fmt: skip
+    missing = [n for n in ("pad_rollout", "loss_batch", "micro_batches", "per_micro",
+                           "decode_rollout", "eos_token_ids", "make_train_step",
+                           "make_optimizer", "init_state", "rollout", "score", "grpo_loss")
+               if not calls.get(n)]  # fmt: skip
+    assert not missing, missing

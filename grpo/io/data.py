@@ -647,3 +647,23 @@ class PromptSampler:
         self.epoch, self.cursor = int(state["epoch"]), int(state["position"])
         self.num_dropped = int(state.get("num_dropped", 0))
         self._stream = None
+
+
+def decode_rollout(roll: Any, tokenizer: Any) -> tuple[list[list[int]], list[str]]:
+    """``(ids, texts)`` of a rollout's completions: each row's ids up to its length, and
+    their text (:func:`decode_completions`)."""
+    ids = np.array(roll.completion_ids)
+    lengths = np.array(roll.completion_lengths)
+    rows = [ids[i, : lengths[i]].tolist() for i in range(ids.shape[0])]
+    return rows, decode_completions(rows, tokenizer)
+
+
+def eos_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids of an mlx-lm ``TokenizerWrapper`` or a Hugging Face tokenizer."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids:
+        return tuple(sorted(int(i) for i in ids))
+    eos = getattr(_hf_tokenizer(tokenizer), "eos_token_id", None)
+    if eos is None:
+        raise ConfigError("the tokenizer has no eos_token_id; completions could never end")
+    return (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
