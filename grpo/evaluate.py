@@ -30,7 +30,7 @@ import numpy as np
 from grpo.core import metrics as M
 from grpo.core.rollout import rollout
 from grpo.core.score import reward_names, score
-from grpo.io.data import PromptEncoder, decode_completions
+from grpo.io.data import PromptEncoder, decode_rollout
 
 RUN_CONFIG = "run_config.json"
 EVAL_JSON = "eval.json"
@@ -82,16 +82,44 @@ def prompt_encoder(model, tokenizer, cfg) -> PromptEncoder:
     )
 
 
+def evaluate_rewards(
+    params: Any,
+    key: mx.array,
+    rows: Sequence[dict],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    model: Any,
+    tokenizer: Any,
+    sampling: Any,
+    reward_funcs: Sequence,
+    columns: Sequence[str] = (),
+    timeout: float | None = None,
+):
+    """Sample ``sampling.group_size`` completions per row and score them, as training does.
+
+    The one sampling-and-scoring chain of ``GRPOTrainer.evaluate`` and ``grpo eval``: the
+    rollout, the decoded completions, and the reward functions called with each row's
+    ``prompt`` and ``columns`` repeated per completion.
+
+    Returns:
+        ``(rollout, scores, completion_ids, texts)``.
+    """
+    G = sampling.group_size
+    roll = rollout(params, key, list(prompt_ids), model=model, sampling=sampling)
+    ids, texts = decode_rollout(roll, tokenizer)
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    repeated = {c: [r.get(c) for r in rows for _ in range(G)] for c in columns}
+    scores = score(prompts, texts, ids, reward_funcs, columns=repeated, timeout=timeout)
+    return roll, scores, ids, texts
+
+
 def _roll_and_score(model, tokenizer, chunk, ids, key, sampling, reward_funcs, extra):
     G = sampling.group_size
-    roll = rollout(model.parameters(), key, ids, model=model, sampling=sampling)
+    roll, scores, _, _ = evaluate_rewards(
+        model.parameters(), key, chunk, ids, model=model, tokenizer=tokenizer,
+        sampling=sampling, reward_funcs=reward_funcs, columns=extra,
+    )  # fmt: skip
     lengths = np.array(roll.completion_lengths)
-    all_ids = np.array(roll.completion_ids)
-    rows = [all_ids[i, : lengths[i]].tolist() for i in range(all_ids.shape[0])]
-    texts = decode_completions(rows, tokenizer)
-    prompts = [r["prompt"] for r in chunk for _ in range(G)]
-    columns = {c: [r.get(c) for r in chunk for _ in range(G)] for c in extra}
-    scores = score(prompts, texts, rows, reward_funcs, columns=columns)
     F = len(reward_funcs)
     rewards = np.array(scores.rewards_per_func, dtype=np.float64).reshape(len(chunk), G, F)
     shape = (len(chunk), G)

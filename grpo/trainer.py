@@ -60,6 +60,7 @@ from grpo.core.score import (
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import make_train_step
 from grpo.errors import CheckpointError, ConfigError, NumericsError
+from grpo.evaluate import evaluate_rewards
 from grpo.flow import Flow
 from grpo.io import checkpoint as ckpt
 from grpo.io import faults, runlock, runs
@@ -934,22 +935,16 @@ class GRPOTrainer:
             if not keep:
                 continue
             key, sub = mx.random.split(key)
-            roll = rollout(
+            roll, scores, _, _ = evaluate_rewards(
                 self.train_state.params,
                 sub,
+                [chunk[i] for i in keep],
                 [ids[i] for i in keep],
                 model=self.model,
+                tokenizer=self.processing_class,
                 sampling=sampling,
-            )
-            prompts = [chunk[i]["prompt"] for i in keep for _ in range(G)]
-            columns = {c: [chunk[i].get(c) for i in keep for _ in range(G)] for c in extra}
-            completion_ids, texts = self._decode(roll)
-            scores = score(
-                prompts,
-                texts,
-                completion_ids,
-                self.reward_funcs,
-                columns=columns,
+                reward_funcs=self.reward_funcs,
+                columns=extra,
                 timeout=self.args.reward_timeout,
             )
             adv = advantages(scores.rewards_per_func, self.reward_weights)

@@ -50,12 +50,13 @@ def test_trainer_runs_the_public_pieces_a_custom_loop_uses(tiny_model_dir, tmp_p
     """The notebook and docs/all-of-grpo.md compose these same functions."""
     from helpers import PROMPTS, tiny_args
 
+    import grpo.evaluate
     import grpo.trainer as trainer_module
 
     calls = {}
     for name in ("pad_rollout", "loss_batch", "micro_batches", "per_micro", "decode_rollout",
                  "eos_token_ids", "make_train_step", "make_optimizer", "init_state", "rollout",
-                 "score", "grpo_loss"):  # fmt: skip
+                 "score", "grpo_loss", "evaluate_rewards"):  # fmt: skip
         real = getattr(trainer_module, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -63,16 +64,22 @@ def test_trainer_runs_the_public_pieces_a_custom_loop_uses(tiny_model_dir, tmp_p
             return _real(*a, **k)
 
         monkeypatch.setattr(trainer_module, name, spy)
-        assert getattr(grpo, name) is real  # the very function the package exports
+        public = (
+            grpo.evaluate.evaluate_rewards if name == "evaluate_rewards" else getattr(grpo, name)
+        )
+        assert public is real  # the very function the package exports
 
     def lowercase(completions, **kwargs):
         return [sum(ch.islower() for ch in t) / max(len(t), 1) for t in completions]
 
     args = tiny_args(tmp_path, max_steps=2, beta=0.04)
-    trainer_module.GRPOTrainer(str(tiny_model_dir), lowercase, args=args,
-                               train_dataset=PROMPTS).train()  # fmt: skip
+    trainer = trainer_module.GRPOTrainer(str(tiny_model_dir), lowercase, args=args,
+                                         train_dataset=PROMPTS)  # fmt: skip
+    trainer.train()
+    trainer.evaluate(PROMPTS[:2])  # the same sampling-and-scoring chain as `grpo eval`
     missing = [n for n in ("pad_rollout", "loss_batch", "micro_batches", "per_micro",
                            "decode_rollout", "eos_token_ids", "make_train_step",
-                           "make_optimizer", "init_state", "rollout", "score", "grpo_loss")
+                           "make_optimizer", "init_state", "evaluate_rewards", "score",
+                           "grpo_loss")
                if not calls.get(n)]  # fmt: skip
     assert not missing, missing
