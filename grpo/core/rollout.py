@@ -26,6 +26,7 @@ import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.cache import BatchKVCache, CacheList, KVCache, make_prompt_cache
 
+from grpo.core.kv_cache import FixedBatchKVCache, SharedPrefixKVCache
 from grpo.core.sampling import SamplingConfig, make_sample_fn
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this
@@ -289,70 +290,6 @@ def _prefill(model, prompts, lengths):
         mx.eval([c.state for c in cache])
     logits = model(ids[:, P - 1 :], cache=cache)[:, -1, :]
     return cache, logits
-
-
-class FixedBatchKVCache(BatchKVCache):
-    """An mlx-lm ``BatchKVCache`` over a fixed-capacity buffer written at an array position.
-
-    mlx-lm's cache slices its buffer to the current length with a Python int, so each
-    decode step has new shapes and a compiled step would retrace every token. Here the
-    buffers keep shape ``[N, H, C, D]`` and the write column ``pos`` is an array, so one
-    compiled step serves every position; columns past ``pos`` are masked out.
-    """
-
-    def __init__(self, keys: mx.array, values: mx.array, left_padding: mx.array, pos: mx.array):
-        self.keys, self.values = keys, values
-        self.left_padding = left_padding
-        self.pos = pos
-        self.offset = pos - left_padding  # RoPE position of the token being written
-        self._idx = keys.shape[2]
-        self._right_padding = None
-
-    def _column(self) -> mx.array:
-        return self.pos
-
-    def update_and_fetch(self, keys, values):
-        start = self._column().reshape(1)
-        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
-        self.values = mx.slice_update(self.values, values, start, axes=(2,))
-        return self.keys, self.values
-
-    def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        cols = mx.arange(self.keys.shape[2])
-        causal = cols[None, :] <= (self.pos + mx.arange(N))[:, None]
-        return causal & (cols >= self.left_padding[:, None, None, None])
-
-
-class SharedPrefixKVCache(FixedBatchKVCache):
-    """A decode cache that holds each prompt's keys/values once, not once per group row.
-
-    ``prefix_keys``/``prefix_values`` are ``[B, H, P, D]`` (the prefilled prompts);
-    ``keys``/``values`` are ``[N, H, S, D]`` with only the completion columns, ``N = B*G``
-    rows group-contiguous. Column ``pos`` of the full sequence is suffix column ``pos - P``.
-    Only an attention function that reads the prefix from the cache can use it (the
-    ``scaled_dot_product_attention`` that ``grpo.io.fast_attention`` installs, marked
-    ``grpo_prefix_caches``); ``rollout`` falls back to :class:`FixedBatchKVCache` otherwise.
-    """
-
-    def __init__(self, prefix_keys, prefix_values, keys, values, left_padding, pos):
-        super().__init__(keys, values, left_padding, pos)
-        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-
-    def _column(self) -> mx.array:
-        return self.pos - self.prefix_keys.shape[2]
-
-    def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        return None  # the attention builds both masks from prefix_mask / suffix_mask
-
-    def prefix_mask(self) -> mx.array:
-        """``[B, 1, 1, P]`` bool: prompt columns past each prompt's left padding."""
-        B, P = self.prefix_keys.shape[0], self.prefix_keys.shape[2]
-        first = self.left_padding.reshape(B, -1)[:, :1]
-        return (mx.arange(P)[None, :] >= first)[:, None, None, :]
-
-    def suffix_mask(self, L: int = 1) -> mx.array:
-        """``[1, S]`` bool: completion columns written so far (every row is at the same step)."""
-        return (mx.arange(self.keys.shape[2]) <= self._column())[None, :]
 
 
 def shares_prefix(model) -> bool:

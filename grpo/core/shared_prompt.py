@@ -25,54 +25,11 @@ from __future__ import annotations
 import weakref
 
 import mlx.core as mx
-from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from grpo.core.kv_cache import PromptRecorder, SharedPromptCache
 from grpo.core.lm import split_ok, trunk
 from grpo.core.rollout import shares_prefix
-
-
-class PromptRecorder(KVCache):
-    """A cache-free causal forward that keeps each layer's (post-RoPE) keys and values."""
-
-    grpo_cache_free = True  # attention may treat it as cache=None
-
-    def update_and_fetch(self, keys, values):
-        self.keys, self.values = keys, values
-        return keys, values
-
-    def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        # Some attentions (multi-head latent) need the mask as an array to add scores to.
-        return create_causal_mask(N) if return_array else "causal"
-
-
-class SharedPromptCache(KVCache):
-    """The completion forward's cache: the block's prompt keys/values once, rows' own after.
-
-    ``prefix_keys`` / ``prefix_values`` ``[B, H, P, D]``; ``offset`` ``[N]`` is each row's
-    prompt length ``l_b`` (the RoPE position of its first completion token); prompt columns
-    ``>= l_b`` (another row's completion tokens, or padding) are masked.
-    """
-
-    def __init__(self, prefix_keys, prefix_values, prompt_lengths):
-        super().__init__()
-        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-        self.offset = prompt_lengths
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-    def make_mask(self, N: int, return_array: bool = False, **kwargs):
-        return None  # the prefix attention builds both masks
-
-    def prefix_mask(self) -> mx.array:
-        B, P = self.prefix_keys.shape[0], self.prefix_keys.shape[2]
-        lengths = self.offset.reshape(B, -1)[:, :1]
-        return (mx.arange(P)[None, :] < lengths)[:, None, None, :]
-
-    def suffix_mask(self, L: int) -> mx.array:
-        return mx.arange(L)[None, :] <= mx.arange(L)[:, None]
-
 
 _VERDICT: dict[int, bool] = {}  # id(model) -> shared prompts verified equal to packed rows
 
