@@ -31,6 +31,7 @@ from grpo.core import metrics as M
 from grpo.core.rollout import rollout
 from grpo.core.score import reward_names, score
 from grpo.io.data import PromptEncoder, decode_rollout
+from grpo.io.plot import save_figure
 
 RUN_CONFIG = "run_config.json"
 EVAL_JSON = "eval.json"
@@ -325,9 +326,4 @@ def plot_eval(names: Sequence[str], rows: Sequence[dict], png_path: str | Path, 
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title("grpo eval")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path)

@@ -69,3 +69,11 @@ def _peak_extra_bytes(fn):
 def peak_extra_bytes():
     """``measure(fn)``: peak bytes above the memory active before ``fn()`` was built and run."""
     return _peak_extra_bytes
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    """Environment for ``grpo`` CLI subprocesses: a cache of the module's own, one process."""
+    env = dict(os.environ, MLX_GRPO_CACHE=str(tmp_path_factory.mktemp("cache")))
+    env.pop("MLX_RANK", None)
+    return env

@@ -189,13 +189,6 @@ FAST = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-    env = dict(os.environ, MLX_GRPO_CACHE=str(tmp_path_factory.mktemp("cache")))
-    env.pop("MLX_RANK", None)
-    return env
-
-
 def _run(out, env, *extra, signals: str = ""):
     """``grpo train`` to completion; ``signals`` makes it signal itself at given steps
     (``GRPO_TEST_SIGNAL_AT_STEP``, see grpo.io.faults), so where it stops never depends on

@@ -509,13 +509,6 @@ FAST = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-    env = dict(os.environ, MLX_GRPO_CACHE=str(tmp_path_factory.mktemp("cache")))
-    env.pop("MLX_RANK", None)
-    return env
-
-
 def _cli(out, env, *extra):
     return subprocess.run(
         [sys.executable, "-m", "grpo", "train", *FAST, "--output_dir", str(out), *extra],

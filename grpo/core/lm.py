@@ -140,11 +140,17 @@ def split_ok(model) -> bool:
     Inside a traced function (``mx.compile``, ``value_and_grad``) a model never checked
     cannot be evaluated, so it is scored by its full forward for that trace.
     """
-    verdict = _VERDICT.get(id(model))
+    return cached_verdict(_VERDICT, model, check_split)
+
+
+def cached_verdict(verdicts: dict, model, check) -> bool:
+    """``verdicts[id(model)]``, else ``check(model)``, which records it; False when
+    ``check`` cannot run (it evaluates arrays, which a traced function cannot)."""
+    verdict = verdicts.get(id(model))
     if verdict is not None:
         return verdict
     try:
-        return check_split(model)
+        return check(model)
     except Exception:  # noqa: BLE001  (eval inside a transformation)
         return False
 

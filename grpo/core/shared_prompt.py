@@ -28,7 +28,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from grpo.core.kv_cache import PromptRecorder, SharedPromptCache
-from grpo.core.lm import split_ok, trunk
+from grpo.core.lm import cached_verdict, split_ok, trunk
 from grpo.core.rollout import shares_prefix
 
 _VERDICT: dict[int, bool] = {}  # id(model) -> shared prompts verified equal to packed rows
@@ -79,13 +79,7 @@ def prefix_ok(model) -> bool:
     """
     if not shares_prefix(model):
         return False
-    verdict = _VERDICT.get(id(model))
-    if verdict is not None:
-        return verdict
-    try:
-        return check_prefix_sharing(model)
-    except Exception:  # noqa: BLE001  (eval inside a transformation)
-        return False
+    return cached_verdict(_VERDICT, model, check_prefix_sharing)
 
 
 def can_share(model, N: int, share: int) -> bool:

@@ -53,6 +53,13 @@ def plot_reward_curve(metrics_path: str | Path, png_path: str | Path, *, title: 
         ax2.plot(kl_steps, kls, color="tab:orange", alpha=0.6, label="kl")
         ax2.set_ylabel("kl", color="tab:orange")
     ax.set_title(title or "GRPO reward curve")
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, png_path: str | Path) -> Path:
+    """Write ``fig`` to ``png_path`` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
