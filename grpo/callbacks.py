@@ -55,6 +55,7 @@ class TrainerState:
     is_local_process_zero: bool = True
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
+    max_completion_length: int | None = None  # for length-aware rewards (trainer_state=)
 
     @property
     def global_step(self) -> int:

@@ -52,7 +52,6 @@ from grpo.core.pipeline import (
 )
 from grpo.core.rollout import Rollout, rollout
 from grpo.core.score import (
-    RewardContext,
     check_reward_fns,
     reward_metrics,
     score,
@@ -137,7 +136,7 @@ class Generation:
     windows: list  # [LossBatch] each with a leading K axis
     metrics: dict  # reward / completion metrics of the batch
     num_tokens: int  # prompt + completion tokens
-    table: tuple  # (prompts, completions, {name: rewards}, advantages) for log_completions
+    table: tuple  # (prompts, completions, {name: rewards}, advantages, {column: log_extra values})
 
 
 REF_MODEL = "ref_model.safetensors"
@@ -300,6 +299,7 @@ class GRPOTrainer:
             eval_steps=self.flow.eval_steps,
             save_steps=self.flow.save_steps,
             train_batch_size=args.per_device_train_batch_size,
+            max_completion_length=args.max_completion_length,
             is_world_process_zero=self.rank == 0,
             is_local_process_zero=self.rank == 0,
         )
@@ -508,12 +508,9 @@ class GRPOTrainer:
         completion_ids, texts = self._decode(roll)
         if completions is not None:
             texts = completions
-        context = RewardContext(
-            global_step=step,
-            epoch=float(self.sampler.epoch),
-            max_steps=self.max_steps,
-            max_completion_length=self.args.max_completion_length,
-        )
+        # TRL hands reward functions the trainer's own TrainerState (global_step, epoch,
+        # max_steps, log_history, ...); max_completion_length rides along for length rewards.
+        context = self.state
         scores = score(
             prompts,
             texts,
@@ -542,6 +539,7 @@ class GRPOTrainer:
             [agentic.display(t) for t in texts],
             {n: per_func[:, f].tolist() for f, n in enumerate(scores.names)},
             np.array(adv.advantages).tolist(),
+            dict(scores.extra),
         )
         return adv, metrics, table
 

@@ -286,10 +286,15 @@ def test_log_completions_prints_a_table_and_callbacks_see_logs(tiny_model_dir, t
         def on_log(self, trainer, logs):
             seen.append(logs)
 
+    def tagged(completions, log_extra=None, log_metric=None, **kwargs):
+        log_extra("tag", ["XQ" for _ in completions])  # TRL: a column of the completions table
+        log_metric("tagged/ratio", 0.25)  # TRL: a logged metric
+        return [0.0 for _ in completions]
+
     args = _args(tmp_path, max_steps=1, log_completions=True, num_completions_to_print=2)
     trainer = GRPOTrainer(
         str(tiny_model_dir),
-        [sevens, lowercase],
+        [sevens, lowercase, tagged],
         args=args,
         train_dataset=PROMPTS,
         callbacks=[Recorder()],
@@ -297,7 +302,9 @@ def test_log_completions_prints_a_table_and_callbacks_see_logs(tiny_model_dir, t
     trainer.train()
     out = capsys.readouterr().out
     assert "Step 1" in out and "Advantage" in out and "lowercase" in out
+    assert "XQ" in out  # log_extra's column reaches the completions table
     assert [r["step"] for r in seen] == [1]
+    assert seen[0]["tagged/ratio"] == 0.25
     assert {"rewards/sevens/mean", "rewards/lowercase/mean", "reward"} <= set(seen[0])
 
 

@@ -249,3 +249,18 @@ def fresh_warnings(monkeypatch):
 def test_trl_warnings(kw, needle):
     with pytest.warns(UserWarning, match=needle):
         GRPOConfig(**kw, seed=17)
+
+
+def test_reward_functions_see_the_trainers_state(tiny_model_dir, tmp_path):
+    seen = []
+
+    def watcher(completions, trainer_state=None, **kwargs):
+        seen.append((trainer_state.global_step, trainer_state.max_steps,
+                     len(trainer_state.log_history), trainer_state.max_completion_length))  # fmt: skip
+        return [0.0 for _ in completions]
+
+    trainer = GRPOTrainer(str(tiny_model_dir), [_lowercase, watcher], args=_cfg(tmp_path),
+                          train_dataset=PROMPTS)  # fmt: skip
+    trainer.train()
+    # Scored before each step: steps done so far, and the records logged so far.
+    assert seen == [(0, 3, 0, 4), (1, 3, 1, 4), (2, 3, 2, 4)]

@@ -125,11 +125,13 @@ def completions_table(
     completions: Sequence[str],
     rewards: Mapping[str, Sequence[float]],
     advantages: Sequence[float],
+    extra: Mapping[str, Sequence] | None = None,
     *,
     step: int,
     limit: int | None = None,
 ):
-    """A ``rich.table.Table`` of prompt / completion / each reward / advantage (TRL's layout)."""
+    """A ``rich.table.Table`` of prompt / completion / each reward / advantage (TRL's layout),
+    then the columns reward functions added with ``log_extra``."""
     from rich.table import Table
 
     table = Table(title=f"Step {step}", show_lines=True)
@@ -138,10 +140,14 @@ def completions_table(
     for name in rewards:
         table.add_column(name, justify="right")
     table.add_column("Advantage", justify="right")
+    extra = extra or {}
+    for name in extra:
+        table.add_column(name, overflow="fold")
     n = len(completions) if limit is None else min(limit, len(completions))
     for i in range(n):
         cells = [f"{rewards[name][i]:.2f}" for name in rewards]
-        table.add_row(str(prompts[i]), str(completions[i]), *cells, f"{advantages[i]:.2f}")
+        more = [str(v[i]) if i < len(v) else "" for v in extra.values()]
+        table.add_row(str(prompts[i]), str(completions[i]), *cells, f"{advantages[i]:.2f}", *more)
     return table
 
 
