@@ -33,8 +33,11 @@ import time
 import traceback
 import types
 import typing
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 import grpo
 from grpo.config import field_help
@@ -234,7 +237,7 @@ With no --model, the default job builds (once, then reuses from the cache: $MLX_
 else $XDG_CACHE_HOME/mlx-grpo, else ~/.cache/mlx-grpo) a seeded tiny model, warm-starts it
 with a few supervised steps on generated examples, and trains it by GRPO on the built-in
 task. --dataset also accepts a built-in task name (reverse, sort), whose reward is
-exact_match. --config YAML takes every GRPOConfig field and the keys model, dataset, reward.
+exact_match, or lookup, the agentic task (a tool call reveals the answer; reward lookup_match). --config YAML takes every GRPOConfig field and the keys model, dataset, reward.
 Writes metrics.jsonl, reward_curve.png, checkpoints and the trained weights (mlx-lm adapter
 format) to --output_dir.
 """
@@ -409,10 +412,12 @@ def _check_local(value: str, what: str) -> None:
 
 def _dataset_and_reward(dataset, reward) -> tuple[str, str | None, str]:
     """``(dataset, built-in task name or None, reward spec)`` with the defaults filled in."""
+    from grpo import agent_tasks
     from grpo.tasks import DEFAULT_TASK, TASKS
 
     dataset = DEFAULT_TASK if dataset is None else dataset
-    is_task = isinstance(dataset, str) and dataset in TASKS and not Path(dataset).exists()
+    names = (*TASKS, agent_tasks.NAME)
+    is_task = isinstance(dataset, str) and dataset in names and not Path(dataset).exists()
     if not is_task:
         _check_local(str(dataset), "dataset")
     if reward is None:
@@ -421,7 +426,7 @@ def _dataset_and_reward(dataset, reward) -> tuple[str, str | None, str]:
                 f"--reward is required for --dataset {dataset} (e.g. --reward answer_match "
                 "or --reward my_module:my_reward)"
             )
-        reward = "exact_match"
+        reward = agent_tasks.REWARD if dataset == agent_tasks.NAME else "exact_match"
     return dataset, dataset if is_task else None, reward
 
 
@@ -429,7 +434,7 @@ class Run:
     """Everything ``train`` / ``eval`` needs, resolved from flags, YAML and defaults."""
 
     def __init__(self, args: argparse.Namespace, *, command: str):
-        from grpo import default_job
+        from grpo import agent_tasks, default_job
 
         file_cfg, file_run = ({}, {})
         if args.config:
@@ -438,6 +443,8 @@ class Run:
         self.model, self.adapter_path = pick("model"), pick("adapter_path")
         self.default_model = self.model is None
         self.dataset, self.task, self.reward = _dataset_and_reward(pick("dataset"), pick("reward"))
+        # The built-in agentic task: its own cached model, environment and config.
+        self.agentic = self.task == agent_tasks.NAME
         if self.model is not None:
             _check_local(str(self.model), "model")
         if self.adapter_path is not None and not Path(self.adapter_path).expanduser().is_dir():
@@ -445,6 +452,8 @@ class Run:
         # The CLI trains LoRA adapters unless told otherwise (memory); the Python API follows
         # TRL (every weight unless a peft_config). The default job fine-tunes its tiny model.
         base = dict(default_job.DEFAULT_TRAIN_ARGS) if self.default_model else {"use_lora": True}
+        if self.agentic:
+            base = {**base, **agent_tasks.TRAIN_ARGS} if self.default_model else base
         if command == "eval" and self.default_model:
             base["per_device_eval_batch_size"] = 64
         adapter = {"adapter_path": str(self.adapter_path)} if command == "train" else {}
@@ -454,7 +463,17 @@ class Run:
         ws = args.warm_start_steps
         if ws is not None and ws < 0:
             raise UsageError(f"--warm_start_steps must be >= 0, got {ws}")
-        self.warm_start = default_job.evolve_warm_start(**({} if ws is None else {"steps": ws}))
+        steps = {} if ws is None else {"steps": ws}
+        if self.agentic:
+            self.warm_start = attrs.evolve(agent_tasks.WARM_START, **steps)
+        else:
+            self.warm_start = default_job.evolve_warm_start(**steps)
+
+    def trainer_kwargs(self) -> dict:
+        """Extra ``GRPOTrainer`` arguments of the task (the agentic task's environment)."""
+        from grpo import agent_tasks
+
+        return {"environment_factory": agent_tasks.Vault} if self.agentic else {}
 
     def reward_funcs(self) -> list:
         from grpo.rewards import resolve_reward_funcs
@@ -480,20 +499,35 @@ class Run:
 
         if not self.default_model:
             return str(self.model)
-        spec = dict(task=self.task or "reverse", warm_start=self.warm_start)
+        if self.agentic:
+            from grpo import agent_tasks
+
+            ensure = partial(agent_tasks.ensure_model, config=self.warm_start)
+            where = agent_tasks.model_dir(config=self.warm_start)
+        else:
+            spec = dict(task=self.task or "reverse", warm_start=self.warm_start)
+            ensure = partial(default_job.ensure_model, **spec)
+            where = default_job.model_dir(**spec)
         main = is_main_process(group)
         if main:
-            path = default_job.ensure_model(**spec, log=log)
+            path = ensure(log=log)
         barrier(group)
         if not main:
-            here = default_job.is_cached(default_job.model_dir(**spec))
+            here = default_job.is_cached(where)
             prefix = rank_prefix(group)
-            path = default_job.ensure_model(
-                **spec, log=_quiet if here else (lambda msg: print(prefix + msg))
-            )
+            path = ensure(log=_quiet if here else (lambda msg: print(prefix + msg)))
         return str(path)
 
     def rows(self, *, split: str):
+        if self.agentic:
+            from grpo import agent_tasks
+
+            if split == "train":
+                return agent_tasks.make_dataset()
+            raise UsageError(
+                f"evaluation of the {self.task!r} task is not available: grpo eval samples "
+                "without tools; its training reward is the measure"
+            )
         if self.task is not None:
             from grpo.default_job import default_dataset
 
@@ -607,7 +641,7 @@ def _train_locked(args: argparse.Namespace, run: Run, reward_funcs: list, *, gro
     try:
         trainer = GRPOTrainer(
             model, reward_funcs, args=cfg, train_dataset=rows, eval_dataset=eval_rows,
-            processing_class=tokenizer, group=group,
+            processing_class=tokenizer, group=group, **run.trainer_kwargs(),
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         raise UsageError(_one_line(e)) from e
@@ -649,7 +683,7 @@ def _train_locked(args: argparse.Namespace, run: Run, reward_funcs: list, *, gro
             f"done in {time.perf_counter() - start:.0f}s: mean reward {first:.3f} (first 10% of "
             f"steps) -> {last:.3f} (last 10%), change {last - first:+.3f}"
         )
-        if run.task is not None:
+        if run.task is not None and not run.agentic:
             print(closing_comparison(trainer, run, model_path))
         print(f"wrote {metrics}, {png} and the trained weights in {cfg.output_dir}/")
     # Every rank ends together: if rank 0 fails writing, the others fail here too.
