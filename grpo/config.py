@@ -545,7 +545,9 @@ class GRPOConfig:
         """The :class:`grpo.core.loss.LossConfig` for these settings."""
         from grpo.core.loss import LossConfig
 
-        return LossConfig(**{f.name: getattr(self, f.name) for f in attrs.fields(LossConfig)})
+        # Fields GRPOConfig lacks (head_chunk_elements, picked by the trainer) keep defaults.
+        names = [f.name for f in attrs.fields(LossConfig) if hasattr(self, f.name)]
+        return LossConfig(**{name: getattr(self, name) for name in names})
 
     def to_sampling_config(self, *, eos_token_ids=(), stop_sequences=()):
         """The :class:`grpo.core.sampling.SamplingConfig` for these settings."""
