@@ -26,6 +26,7 @@ MODULES = [
     ("grpo.core.score", "Scoring"),
     ("grpo.core.state", "Training state"),
     ("grpo.core.step", "Optimizer step"),
+    ("grpo.core.memory", "Memory budget (max_memory_gb)"),
     ("grpo.core.optim", "Optimizers and schedules (torch / transformers semantics)"),
     ("grpo.core.numerics", "Numerics"),
     ("grpo.core.fastmath", "Fast CPU math"),

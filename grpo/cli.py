@@ -88,6 +88,7 @@ FIELD_HELP: dict[str, str] = {
     "router_aux_loss_coef": "MoE load-balancing loss weight (TRL); must be None or 0: mlx-lm models "
     "expose no router logits.",
     "gradient_checkpointing": "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).",
+    "max_memory_gb": "Memory budget of an update step (GB): the model is measured and the micro-batch (with gradient accumulation making up the rest) and LM-head chunk that fit are chosen; a run that cannot fit is refused, naming what it needs (`None`: no budget).",
     "max_prompt_length": "Prompts longer than this keep their last tokens (`None`: no limit).",
     "shuffle_dataset": "Shuffle the training prompts (seeded by `seed`).",
     "pad_to_multiple_of": "Pad prompt/completion lengths to a multiple of this (`None`: next power of two).",

@@ -195,6 +195,9 @@ class GRPOConfig:
     # TRL's MoE load-balancing weight; mlx-lm models expose no router logits, so only 0.
     router_aux_loss_coef: float | None = None
     gradient_checkpointing: bool = False
+    # Memory budget of an update step in GB; the trainer measures the model and picks the
+    # micro-batch and LM-head chunk that fit (grpo.core.memory), or refuses. None: no budget.
+    max_memory_gb: float | None = None
 
     # -- data ----------------------------------------------------------------------------
     max_prompt_length: int | None = 512
@@ -888,6 +891,11 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
         cfg.quantize_group_size in (32, 64, 128),
         f"quantize_group_size must be 32, 64 or 128, got quantize_group_size={cfg.quantize_group_size!r}",
     )
+    if cfg.max_memory_gb is not None:
+        errors.check(
+            cfg.max_memory_gb > 0,
+            f"max_memory_gb must be > 0 or None, got max_memory_gb={cfg.max_memory_gb!r}",
+        )
     errors.check(
         isinstance(cfg.output_dir, str) and cfg.output_dir != "",
         f"output_dir must be a non-empty path, got output_dir={cfg.output_dir!r}",
