@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import attrs
 
-# Head chunks tried, largest (fastest) first: 64 MiB down to 1 MiB of float32 logits.
-CHUNK_CHOICES = (1 << 24, 1 << 22, 1 << 20, 1 << 18)
+# Head chunks tried, largest (fewest passes over the head weights) first.
+CHUNK_CHOICES = (1 << 22, 1 << 20, 1 << 18)
 GIB = 1 << 30
 
 
