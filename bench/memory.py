@@ -45,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workload import G, PROMPT_CHARS, digit_fraction, prompt_texts  # noqa: E402
+from workload import PROMPT_CHARS, G, digit_fraction, prompt_texts  # noqa: E402
 
 V_QWEN = 151_936
 MiB = 1 << 20
@@ -70,10 +70,10 @@ def _rows(T: int, seed: int = 0):
 
 
 def grpo_cell(model_dir: str, *, mode: str, T: int, micro: int, chunk: int | None, gc: bool):
-    import grpo  # noqa: F401  (fast BLAS before mlx)
     import attrs
     import mlx.core as mx
 
+    import grpo  # noqa: F401  (fast BLAS before mlx)
     from grpo.config import GRPOConfig
     from grpo.core.batch import LossBatch, pack
     from grpo.trainer import GRPOTrainer, _windows
@@ -142,10 +142,10 @@ def grpo_cell(model_dir: str, *, mode: str, T: int, micro: int, chunk: int | Non
 
 
 def rollout_cell(model_dir: str, *, T: int):
-    import grpo  # noqa: F401
     import attrs
     import mlx.core as mx
 
+    import grpo  # noqa: F401
     from grpo.config import GRPOConfig
     from grpo.core.rollout import rollout
     from grpo.io.model import load_model
@@ -173,18 +173,19 @@ def rollout_cell(model_dir: str, *, T: int):
 
 
 def mlx_lm_lora_cell(model_dir: str, *, mode: str, T: int):
-    import grpo  # noqa: F401  (only to load the same OpenBLAS before mlx)
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     import mlx_lm
+    from mlx_lm.models import llama
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm_lora.trainer.grpo_trainer import _grpo_value_and_grad, grpo_loss
+
+    import grpo  # noqa: F401  (only to load the same OpenBLAS before mlx)
 
     # grpo's import installs its CPU kernels in mlx-lm's Llama module; take them out so
     # mlx-lm-lora runs mlx-lm's own code.
     from grpo.io.fast_attention import install_fast_kernels
-    from mlx_lm.models import llama
 
     install_fast_kernels(llama, enabled=False)
     model, _ = mlx_lm.load(model_dir)
