@@ -32,10 +32,16 @@ def prompts(model_tok):
     return [model_tok[1].encode(t) for t in TEXTS]
 
 
-def _run(model, prompts, slots, key=3, **kw):
+def _run(model, prompts, slots, key=3, eos_at=None, **kw):
     cfg = SamplingConfig(**{"group_size": 4, "max_tokens": 24, "eos_ids": EOS, **kw})
     return rollout_continuous(
-        model.parameters(), mx.random.key(key), prompts, model=model, sampling=cfg, slots=slots
+        model.parameters(),
+        mx.random.key(key),
+        prompts,
+        model=model,
+        sampling=cfg,
+        slots=slots,
+        eos_at=eos_at,
     )
 
 
@@ -88,3 +94,17 @@ def test_no_retrace_after_warm_up(model_tok, prompts):
 def test_rejects_bad_slots(model_tok, prompts):
     with pytest.raises(ValueError, match="slots"):
         _run(model_tok[0], prompts, 0)
+
+
+def test_eos_at_ends_rows_at_pre_drawn_positions(model_tok, prompts):
+    model, _ = model_tok
+    eos_at = np.random.default_rng(0).integers(1, 25, 12)
+    eos_at[0] = 1  # ends at its very first token
+    rare = (127,)  # an end id the rows hardly ever sample on their own
+    full = _run(model, prompts, 12, eos_ids=rare, eos_at=eos_at)
+    few = _run(model, prompts, 3, eos_ids=rare, eos_at=eos_at)
+    lengths = np.array(full.completion_lengths)
+    assert (lengths <= eos_at).all() and (lengths == eos_at).mean() > 0.8
+    ids = np.array(full.completion_ids)
+    assert all(ids[i, lengths[i] - 1] == 127 for i in range(12))
+    np.testing.assert_array_equal(np.array(few.completion_ids), ids)

@@ -163,11 +163,19 @@ def _admit(state, slots, queue, rows_of, prefix, first, P):
     )  # fmt: skip
 
 
-def decode_continuous(model, prompts, lengths, key, sampling: SamplingConfig, *, slots: int):
-    """Token ids and log-probs ``[N, T]`` of all ``N = B * G`` rows through ``slots`` slots."""
+def decode_continuous(
+    model, prompts, lengths, key, sampling: SamplingConfig, *, slots: int, eos_at=None
+):
+    """Token ids and log-probs ``[N, T]`` of all ``N = B * G`` rows through ``slots`` slots.
+
+    ``eos_at`` (``[N]`` ints in ``[1, T]``, or ``None``) makes row ``r`` end with
+    ``sampling.eos_ids[0]`` as its token ``eos_at[r] - 1`` unless it ends earlier.
+    """
     G, T = sampling.group_size, sampling.max_tokens
     B = len(prompts)
     N = B * G
+    limit = np.full(N, T) if eos_at is None else np.minimum(np.asarray(eos_at), T)
+    force = np.zeros(N, bool) if eos_at is None else np.asarray(eos_at) <= T
     cache, logits = _prefill(model, prompts, lengths)
     P = cache[0].size()
     prefix = (
@@ -182,9 +190,12 @@ def decode_continuous(model, prompts, lengths, key, sampling: SamplingConfig, *,
     out_lp = np.zeros((N, T), np.float32)
     out_tok[:, 0], out_lp[:, 0] = np.array(tok0), np.array(lp0)
     end0 = np.array(end0)
+    if eos_at is not None:
+        forced = (limit == 1) & force & ~end0
+        out_tok[forced, 0], end0 = sampling.eos_ids[0], end0 | forced
     rows_of = np.repeat(np.arange(B), G)
     # Rows that end at token 0 (or may have one token only) never take a slot.
-    queue = deque(r for r in range(N) if not end0[r] and T > 1)
+    queue = deque(r for r in range(N) if not end0[r] and limit[r] > 1)
     S = max(1, min(slots, len(queue)))
     C = P + _round_up(T, KV_BUCKET)
     Sw = max([len(s) for s in sampling.stop_sequences] + [1])
@@ -210,8 +221,8 @@ def decode_continuous(model, prompts, lengths, key, sampling: SamplingConfig, *,
     while queue or len(book.busy()):
         state = _admit(state, book, queue, rows_of, prefix, (tok0, seen0), P)
         busy = book.busy()
-        # Run until the next check, or until the busy slot nearest max_tokens gets there.
-        n = min(CHECK_EVERY if checks else T, int((T - book.t[busy]).min()))
+        # Run until the next check, or until the busy slot nearest its limit gets there.
+        n = min(CHECK_EVERY if checks else T, int((limit[book.row[busy]] - book.t[busy]).min()))
         record = []
         for _ in range(n):
             rows = np.where(book.row >= 0, book.row, 0)
@@ -227,18 +238,26 @@ def decode_continuous(model, prompts, lengths, key, sampling: SamplingConfig, *,
             out_tok[rows[live], t[live]] = np.array(tok)[live]
             out_lp[rows[live], t[live]] = np.array(lp)[live]
         ended = np.array(state.ended) if checks else np.zeros(S, bool)
-        done = (book.row >= 0) & (ended | (book.t >= T))
+        at_limit = (book.row >= 0) & (book.t >= limit[np.maximum(book.row, 0)])
+        if eos_at is not None:
+            # A row that reached its pre-drawn end without EOS gets EOS there.
+            cut = at_limit & ~ended & force[np.maximum(book.row, 0)]
+            out_tok[book.row[cut], book.t[cut] - 1] = sampling.eos_ids[0]
+        done = (book.row >= 0) & (ended | at_limit)
         book.row[done] = -1
     return mx.array(out_tok), mx.array(out_lp)
 
 
-def rollout_continuous(params, key, prompts, *, model, sampling: SamplingConfig, slots: int):
+def rollout_continuous(
+    params, key, prompts, *, model, sampling: SamplingConfig, slots: int, eos_at=None
+):
     """:func:`grpo.core.rollout.rollout` through ``slots`` continuously refilled decode slots.
 
     Same contract and :class:`grpo.core.rollout.Rollout` as ``rollout``; needs a model
     that :func:`grpo.core.rollout.batches_rows`. For a given ``key`` every ``slots`` gives
     the same completions (each row draws with its own uniforms), but not the same as
-    ``rollout``, whose draws are keyed per step over the whole batch.
+    ``rollout``, whose draws are keyed per step over the whole batch. ``eos_at``
+    (``[B * G]`` ints, benchmarks) makes row ``r`` emit EOS as its token ``eos_at[r] - 1``.
     """
     from grpo.core.rollout import _assemble, _check_prompts, batches_rows
 
@@ -250,6 +269,10 @@ def rollout_continuous(params, key, prompts, *, model, sampling: SamplingConfig,
         )
     if slots < 1:
         raise ValueError(f"rollout_continuous: slots must be >= 1, got slots={slots!r}")
+    if eos_at is not None and not sampling.eos_ids:
+        raise ValueError("rollout_continuous: eos_at needs sampling.eos_ids")
     with _policy(model, params):
-        tokens, logprobs = decode_continuous(model, prompts, lengths, key, sampling, slots=slots)
+        tokens, logprobs = decode_continuous(
+            model, prompts, lengths, key, sampling, slots=slots, eos_at=eos_at
+        )
     return _assemble(prompts, lengths, tokens, logprobs, sampling)
