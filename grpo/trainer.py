@@ -541,7 +541,11 @@ class GRPOTrainer:
         # Reference / old log-probs are dropout-free (eval mode), the step runs in train mode;
         # each compiled function is traced once in its mode.
         self.model.eval()
-        parts = [fn(params, _rows(batch, s, s + n)) for s in range(0, N, n)]
+        parts = []
+        for s in range(0, N, n):
+            # One micro-batch evaluated at a time: its activations are freed before the next.
+            parts.append(fn(params, _rows(batch, s, s + n)))
+            mx.eval(parts[-1])
         out = mx.concatenate(parts, axis=0)
         mx.eval(out)
         self.model.train()
