@@ -52,9 +52,12 @@ class SlotKVCache(BatchKVCache):
         self._right_padding = None
 
     def update_and_fetch(self, keys, values):
-        hit = (mx.arange(self.keys.shape[2])[None, :] == self.pos[:, None])[:, None, :, None]
-        self.keys = mx.where(hit, keys, self.keys)
-        self.values = mx.where(hit, values, self.values)
+        # A scatter of one column per slot: in place when the buffer is not shared.
+        S, H, _, D = keys.shape
+        at = mx.broadcast_to(self.pos.reshape(S, 1, 1, 1), (S, H, 1, D))
+        self.keys = mx.put_along_axis(self.keys, at, keys, axis=2)
+        at = mx.broadcast_to(self.pos.reshape(S, 1, 1, 1), (S, values.shape[1], 1, values.shape[3]))
+        self.values = mx.put_along_axis(self.values, at, values, axis=2)
         return self.keys, self.values
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs):
@@ -169,13 +172,15 @@ def decode_continuous(
     """Token ids and log-probs ``[N, T]`` of all ``N = B * G`` rows through ``slots`` slots.
 
     ``eos_at`` (``[N]`` ints in ``[1, T]``, or ``None``) makes row ``r`` end with
-    ``sampling.eos_ids[0]`` as its token ``eos_at[r] - 1`` unless it ends earlier.
+    ``sampling.eos_ids[0]`` as its token ``eos_at[r] - 1`` unless it ends earlier; with no
+    ``eos_ids`` the row just stops after ``eos_at[r]`` tokens (zeros after).
     """
     G, T = sampling.group_size, sampling.max_tokens
     B = len(prompts)
     N = B * G
     limit = np.full(N, T) if eos_at is None else np.minimum(np.asarray(eos_at), T)
     force = np.zeros(N, bool) if eos_at is None else np.asarray(eos_at) <= T
+    force &= bool(sampling.eos_ids)
     cache, logits = _prefill(model, prompts, lengths)
     P = cache[0].size()
     prefix = (
@@ -190,9 +195,9 @@ def decode_continuous(
     out_lp = np.zeros((N, T), np.float32)
     out_tok[:, 0], out_lp[:, 0] = np.array(tok0), np.array(lp0)
     end0 = np.array(end0)
-    if eos_at is not None:
-        forced = (limit == 1) & force & ~end0
-        out_tok[forced, 0], end0 = sampling.eos_ids[0], end0 | forced
+    forced = (limit == 1) & force & ~end0
+    if forced.any():
+        out_tok[forced, 0] = sampling.eos_ids[0]
     rows_of = np.repeat(np.arange(B), G)
     # Rows that end at token 0 (or may have one token only) never take a slot.
     queue = deque(r for r in range(N) if not end0[r] and limit[r] > 1)
@@ -242,7 +247,8 @@ def decode_continuous(
         if eos_at is not None:
             # A row that reached its pre-drawn end without EOS gets EOS there.
             cut = at_limit & ~ended & force[np.maximum(book.row, 0)]
-            out_tok[book.row[cut], book.t[cut] - 1] = sampling.eos_ids[0]
+            if cut.any():
+                out_tok[book.row[cut], book.t[cut] - 1] = sampling.eos_ids[0]
         done = (book.row >= 0) & (ended | at_limit)
         book.row[done] = -1
     return mx.array(out_tok), mx.array(out_lp)
