@@ -22,6 +22,8 @@ MODULES = [
     ("grpo.core.batch", "Loss batches"),
     ("grpo.core.sampling", "Sampling"),
     ("grpo.core.rollout", "Rollout"),
+    ("grpo.core.importance", "Sampler mismatch correction (TRL vLLM IS)"),
+    ("grpo.core.continuous", "Continuous batching"),
     ("grpo.core.multiturn", "Multi-turn rollout"),
     ("grpo.core.score", "Scoring"),
     ("grpo.core.state", "Training state"),
