@@ -23,7 +23,8 @@ Engines:
   Needs ``mlx-lm-lora`` importable (``--lora-python``, e.g. a venv that has it).
 - ``--rollout`` adds grpo's rollout of the same ``8 x T`` tokens (EOS off) as its own row.
 
-Reported: ``mx.get_peak_memory()`` (bytes MLX allocated at the peak, weights included) of
+Each cell measures two optimizer steps and reports the second's peak (``--one-step``: the
+first's, which also compiles and allocates the optimizer state). Reported: ``mx.get_peak_memory()`` (bytes MLX allocated at the peak, weights included) of
 the step, and the process's peak RSS (``ru_maxrss``).
 
     .venv/bin/python bench/memory.py --tokens 64 512 1024 2048 --modes lora full \\
@@ -49,6 +50,9 @@ from workload import PROMPT_CHARS, G, digit_fraction, prompt_texts  # noqa: E402
 
 V_QWEN = 151_936
 MiB = 1 << 20
+# --one-step: report the first optimizer step's peak (it also compiles and creates the
+# optimizer state, so it is >= the steady state's) and skip the second step.
+ONE_STEP = os.environ.get("GRPO_BENCH_ONE_STEP") == "1"
 
 
 def _rss_mib() -> float:
@@ -121,15 +125,18 @@ def grpo_cell(model_dir: str, *, mode: str, T: int, micro: int, chunk: int | Non
     ref_peak = mx.get_peak_memory()
     batch = batch._replace(ref_logprobs=ref)
     window = _windows(batch, micro=micro, K=G // micro)[0]
-    tr._step(window)
-    first_peak = mx.get_peak_memory()
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
     t0 = time.perf_counter()
     tr._step(window)
     step_s = time.perf_counter() - t0
-    step_peak = mx.get_peak_memory()
+    first_peak = step_peak = mx.get_peak_memory()
+    if not ONE_STEP:
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        tr._step(window)
+        step_s = time.perf_counter() - t0
+        step_peak = mx.get_peak_memory()
     return {
         "weights_mib": base / MiB,
         "ref_peak_mib": ref_peak / MiB,
@@ -216,12 +223,15 @@ def mlx_lm_lora_cell(model_dir: str, *, mode: str, T: int):
 
     mx.eval(model.parameters(), ref_model.parameters())
     base = mx.get_active_memory()
-    step()
-    mx.synchronize()
-    mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     step()
+    if not ONE_STEP:
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        step()
     return {
         "weights_mib": base / MiB,
         "peak_mib": mx.get_peak_memory() / MiB,
@@ -325,9 +335,13 @@ def main(argv=None):
     ap.add_argument("--both-gc", action="store_true", help="grpo engines with and without it")
     ap.add_argument("--rollout", action="store_true")
     ap.add_argument("--lora-python", default=os.environ.get("GRPO_LORA_PYTHON", sys.executable))
+    ap.add_argument("--one-step", action="store_true",
+                    help="measure the first step only (cheaper; its peak bounds the steady one)")  # fmt: skip
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args(argv)
+    if args.one_step:
+        os.environ["GRPO_BENCH_ONE_STEP"] = "1"  # the children read it
     if args.child:
         return child(args)
 
