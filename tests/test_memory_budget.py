@@ -78,7 +78,8 @@ def test_max_memory_gb_is_validated():
 def _trainer(tiny_model_dir, tmp_path, **kw):
     from grpo.trainer import GRPOTrainer
 
-    args = tiny_args(tmp_path, max_steps=1, num_generations=4, per_device_train_batch_size=8, **kw)
+    kw = {"num_generations": 4, "per_device_train_batch_size": 8, **kw}
+    args = tiny_args(tmp_path, max_steps=1, **kw)
     return GRPOTrainer(
         str(tiny_model_dir),
         lambda completions, **_: [float(len(c)) for c in completions],
@@ -106,3 +107,43 @@ def test_trainer_shrinks_the_micro_batch_to_fit(tiny_model_dir, tmp_path):
     assert tight.args.resolved_generation_batch_size == roomy.args.resolved_generation_batch_size
     tight.train()
     assert tight.global_step == 1
+
+
+def _step_peak(tiny_model_dir, tmp_path, micro):
+    import mlx.core as mx
+    import numpy as np
+
+    from grpo.core.batch import LossBatch, pack
+    from grpo.trainer import _windows
+
+    G, P, T = 8, 8, 256
+    tr = _trainer(
+        tiny_model_dir,
+        tmp_path,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=G // micro,
+        num_generations=G,
+        max_completion_length=T,
+    )
+    rng = np.random.default_rng(0)
+    prompts = mx.array(rng.integers(3, 99, (G, P)), dtype=mx.int32)
+    lengths = mx.full((G,), P, mx.int32)
+    comp = mx.array(rng.integers(3, 99, (G, T)), dtype=mx.int32)
+    adv = mx.array(rng.standard_normal(G).astype(np.float32))
+    batch = LossBatch(pack(prompts, lengths, comp), lengths, comp, mx.ones((G, T)), adv)
+    window = _windows(batch, micro=micro, K=G // micro)[0]
+    tr._step(window)  # compiles and creates the optimizer state
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    tr._step(window)
+    return mx.get_peak_memory() - base
+
+
+def test_accumulated_micro_batches_run_one_at_a_time(tiny_model_dir, tmp_path):
+    # Eight 1-row micro-batches in one compiled step: if MLX ran them side by side, the
+    # peak would be that of one 8-row micro-batch.
+    one = _step_peak(tiny_model_dir, tmp_path / "one", 1)
+    eight = _step_peak(tiny_model_dir, tmp_path / "eight", 8)
+    assert one < 0.5 * eight, (one, eight)
