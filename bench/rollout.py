@@ -8,7 +8,15 @@ hits all engines alike; the median is reported as tokens/s (completion tokens / 
 prefill included). Ratios per CPU-second (process CPU time, all threads) are printed too:
 on a machine shared with other jobs they are steadier than wall-clock ratios.
 
-    /work/venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3]
+    .venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3]
+    .venv/bin/python bench/rollout.py --realistic [--sizes tiny small] [--slots 16 32 64]
+
+``--realistic``: B = 8 prompts x G = 8 rows, at most 256 tokens, each row's length pre-drawn
+from a long-tailed (log-normal) distribution and enforced in every engine: grpo's
+continuous-batching engine (``rollout_continuous``, EOS forced at the drawn position,
+``S`` decode slots) and mlx-lm's ``BatchGenerator`` given all 64 rows (each row's drawn
+length as its ``max_tokens``). mlx-lm-lora's ``generate_grpo`` takes one length for all
+rows, so it cannot run this workload. tokens/s = generated tokens / wall time.
 
 On the tiny model it also times finished-row compaction on vs off (EOS-heavy sampling).
 
@@ -19,6 +27,7 @@ cannot be imported.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -176,6 +185,83 @@ def bench_compaction(model, repeats):
         )
 
 
+# -- realistic workload: B = 8 prompts x G = 8, up to 256 tokens, long-tailed lengths ------
+
+RB, RT = 8, 256
+
+
+def realistic_lengths(seed: int = 0) -> np.ndarray:
+    """Pre-drawn completion lengths of the ``RB * G`` rows: log-normal (median ~48 tokens,
+    a long tail), clipped to ``[1, RT]``; every engine ends row ``r`` after ``L[r]`` tokens."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(rng.lognormal(np.log(48), 0.9, RB * G)), 1, RT).astype(int)
+
+
+def realistic_continuous(model, tokenizer, prompts, lengths, seed, *, slots):
+    from grpo.core.continuous import decode_continuous
+    from grpo.core.rollout import _policy
+
+    install_fast_kernels(model, enabled=True)
+    # No sampled end id: rows end exactly at their pre-drawn lengths, as in BatchGenerator.
+    cfg = SamplingConfig(group_size=G, max_tokens=RT, temperature=1.0, eos_ids=())
+    key = mx.random.key(seed)
+    lens = [len(p) for p in prompts]
+    # As rollout_continuous does: sample in eval mode and restore the model's own weights
+    # afterwards (the compiled step leaves its placeholders in the model).
+    with _policy(model, model.parameters()):
+        out = decode_continuous(model, prompts, lens, key, cfg, slots=slots, eos_at=lengths)
+        mx.eval(out)
+    return int(np.minimum(lengths, RT).sum())
+
+
+def realistic_mlx_lm(model, tokenizer, prompts, lengths, seed):
+    """BatchGenerator given all rows, each with its pre-drawn length as max_tokens."""
+    install_fast_kernels(model, enabled=False)
+    rows = [p for p in prompts for _ in range(G)]
+    mx.random.seed(seed)
+    gen = BatchGenerator(model, max_tokens=RT, stop_tokens=None, sampler=make_sampler(temp=1.0),
+                         completion_batch_size=len(rows), prefill_batch_size=len(rows))  # fmt: skip
+    n = 0
+    try:
+        gen.insert(rows, [int(x) for x in lengths])
+        while responses := gen.next_generated():
+            n += len(responses)
+    finally:
+        gen.close()
+    return n
+
+
+def bench_realistic(sizes, repeats, slot_choices):
+    lengths = realistic_lengths()
+    print(f"realistic: B={RB} G={G} max {RT} tokens, P={P}, lengths median "
+          f"{int(np.median(lengths))} mean {lengths.mean():.1f} max {lengths.max()} "
+          f"total {lengths.sum()}")  # fmt: skip
+    engines = {f"grpo continuous S={s}": functools.partial(realistic_continuous, slots=s)
+               for s in slot_choices}  # fmt: skip
+    engines["mlx-lm BatchGenerator"] = realistic_mlx_lm
+    rng = np.random.default_rng(RB)
+    prompts = [rng.integers(3, 97, size=P).tolist() for _ in range(RB)]
+    print("| model | " + " | ".join(f"{n} tok/s" for n in engines) + " | best grpo / mlx-lm |")
+    print("|" + "---|" * (len(engines) + 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
+            model, tokenizer = mlx_lm.load(str(path))
+            wall = {n: [] for n in engines}
+            for fn in engines.values():
+                fn(model, tokenizer, prompts, lengths, 0)
+            for rep in range(repeats):
+                for name, fn in engines.items():
+                    tic = time.perf_counter()
+                    n = fn(model, tokenizer, prompts, lengths, rep + 1)
+                    assert n == lengths.sum(), (name, n, lengths.sum())
+                    wall[name].append(n / (time.perf_counter() - tic))
+            med = {n: statistics.median(v) for n, v in wall.items()}
+            best = max(v for n, v in med.items() if n.startswith("grpo"))
+            cells = " | ".join(f"{med[n]:.0f}" for n in engines)
+            print(f"| {size} | {cells} | {best / med['mlx-lm BatchGenerator']:.2f}x |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
@@ -184,7 +270,15 @@ def main():
     ap.add_argument("--no-compaction", action="store_true", help="skip the compaction on/off run")
     ap.add_argument("--ab", action="store_true",
                     help="also time rollout on mlx's own CPU kernels (install_fast_kernels off)")  # fmt: skip
+    ap.add_argument("--realistic", action="store_true",
+                    help="only the realistic workload (B=8, G=8, <= 256 tokens, long-tailed)")  # fmt: skip
+    ap.add_argument("--slots", nargs="+", type=int, default=[16, 32, 64])
     args = ap.parse_args()
+    if args.realistic:
+        print(f"blas={grpo.blas_info()['backend']} load={os.getloadavg()[0]:.2f}")
+        bench_realistic(args.sizes, args.repeats, args.slots)
+        print(f"load after: {os.getloadavg()[0]:.2f}")
+        return
 
     engines = {"rollout": engine_rollout, "mlx-lm": engine_mlx_lm}
     if args.ab:

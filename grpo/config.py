@@ -136,6 +136,7 @@ _HELP: dict[str, str] = {
     "adapter_path": "Continue training the mlx-lm LoRA adapters in this directory.",
     "router_aux_loss_coef": "MoE load-balancing loss weight (TRL); must be None or 0: mlx-lm models "
     "expose no router logits.",
+    "max_memory_gb": "Memory budget of an update step (GB): the model is measured and the micro-batch (with gradient accumulation making up the rest) and LM-head chunk that fit are chosen; a run that cannot fit is refused, naming what it needs (`None`: no budget).",
     "gradient_checkpointing": "Recompute each transformer block in the backward pass (less memory, ~1/3 more compute).",
     "max_prompt_length": "Prompts longer than this keep their last tokens (`None`: no limit).",
     "shuffle_dataset": "Shuffle the training prompts (seeded by `seed`).",
@@ -335,6 +336,9 @@ class GRPOConfig:
     # TRL's MoE load-balancing weight; mlx-lm models expose no router logits, so only 0.
     router_aux_loss_coef: float | None = None
     gradient_checkpointing: bool = False
+    # Memory budget of an update step in GB; the trainer measures the model and picks the
+    # micro-batch and LM-head chunk that fit (grpo.core.memory), or refuses. None: no budget.
+    max_memory_gb: float | None = None
 
     # -- data ----------------------------------------------------------------------------
     max_prompt_length: int | None = 512
@@ -688,7 +692,9 @@ class GRPOConfig:
         """The :class:`grpo.core.loss.LossConfig` for these settings."""
         from grpo.core.loss import LossConfig
 
-        return LossConfig(**{f.name: getattr(self, f.name) for f in attrs.fields(LossConfig)})
+        # Fields GRPOConfig lacks (head_chunk_elements, picked by the trainer) keep defaults.
+        names = [f.name for f in attrs.fields(LossConfig) if hasattr(self, f.name)]
+        return LossConfig(**{name: getattr(self, name) for name in names})
 
     def train_step_kwargs(self) -> dict:
         """Keyword arguments of :func:`grpo.core.step.make_train_step` for these settings:
@@ -1051,6 +1057,11 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
         cfg.quantize_group_size in (32, 64, 128),
         f"quantize_group_size must be 32, 64 or 128, got quantize_group_size={cfg.quantize_group_size!r}",
     )
+    if cfg.max_memory_gb is not None:
+        errors.check(
+            cfg.max_memory_gb > 0,
+            f"max_memory_gb must be > 0 or None, got max_memory_gb={cfg.max_memory_gb!r}",
+        )
     errors.check(
         isinstance(cfg.output_dir, str) and cfg.output_dir != "",
         f"output_dir must be a non-empty path, got output_dir={cfg.output_dir!r}",

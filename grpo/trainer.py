@@ -42,6 +42,8 @@ from grpo.core.controllers import (
     window_entropy,
 )
 from grpo.core.loss import completion_logprobs, grpo_loss
+from grpo.core.memory import GIB, Fit, refusal
+from grpo.core.memory import choose as choose_fit
 from grpo.core.optim import decay_parameter_names, make_optimizer
 from grpo.core.pipeline import (
     loss_batch,
@@ -57,7 +59,7 @@ from grpo.core.score import (
     score,
 )
 from grpo.core.state import TrainState, init_state
-from grpo.core.step import make_train_step
+from grpo.core.step import bucket_length, make_train_step
 from grpo.errors import CheckpointError, ConfigError, NumericsError
 from grpo.evaluate import evaluate_rewards
 from grpo.flow import Flow
@@ -84,6 +86,8 @@ from grpo.io.dist import (
 )
 from grpo.io.hub import HubRepo, base_model_id, model_card, tracker_urls
 from grpo.io.logging import MetricsWriter, Progress, average_metrics, print_completions
+from grpo.io.memory import measure as measure_memory
+from grpo.io.memory import tree_bytes
 from grpo.io.model import Policy, load_model, lora_layers, prepare_policy
 from grpo.io.report import Reporters, resolve_report_to
 from grpo.io.reward_model import RewardModelReward
@@ -397,6 +401,8 @@ class GRPOTrainer:
         key_model, key_run = mx.random.split(mx.random.key(args.seed))
         self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
         assert_in_sync(self.policy.params, group=self.group, what="initial parameters")
+        fit = self._fit_memory()  # may shrink the micro-batch: read self.args after this
+        args = self.args
         self.max_steps = self._total_steps()
         per_epoch = self.sampler.steps_per_epoch
         self.flow = Flow.from_config(
@@ -416,11 +422,48 @@ class GRPOTrainer:
         self.train_state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
         self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
         self.loss_config = args.to_loss_config()
+        if fit is not None:
+            self.loss_config = attrs.evolve(
+                self.loss_config, head_chunk_elements=fit.chunk_elements
+            )
         self._advantages = self._make_advantages(args.num_generations)
         self._train_step = self._build_step()
         # The adaptive entropy controller (TRL): no bonus until a first measurement.
         self.entropy_coef, self._last_world_entropy = args.entropy_coef, math.inf
         self._logprobs = mx.compile(self._logprobs_fn)
+
+    def _fit_memory(self) -> Fit | None:
+        """``max_memory_gb``: measure the model's update step, then pick the largest
+        micro-batch (gradient accumulation making up the rest, same update) and LM-head
+        chunk that fit; refuse with what the run needs when none does."""
+        args = self.args
+        if args.max_memory_gb is None:
+            return None
+        T = args.max_completion_length
+        P = args.max_prompt_length or max(1, (self.context_length or T + 512) - T)
+        P = bucket_length(P, multiple=args.pad_to_multiple_of)
+        self.model.train()
+        vocab = getattr(getattr(self.model, "args", None), "vocab_size", 100)
+        est = measure_memory(
+            self.model, self.policy.params, args.to_loss_config(),
+            prompt_length=P, completion_length=T, vocab=vocab,
+            resident_bytes=tree_bytes(self.model.parameters()) + tree_bytes(self.policy.ref_params),
+        )  # fmt: skip
+        budget = args.max_memory_gb * GIB
+        fit = choose_fit(est, budget=budget, rows=args.per_device_train_batch_size)
+        if fit is None:
+            raise ConfigError(
+                refusal(est, budget=budget, checkpointing=args.gradient_checkpointing)
+            )
+        self.memory_estimate, f = est, args.per_device_train_batch_size // fit.rows
+        spg = args.steps_per_generation
+        self.args = attrs.evolve(
+            args,
+            per_device_train_batch_size=fit.rows,
+            gradient_accumulation_steps=args.gradient_accumulation_steps * f,
+            steps_per_generation=None if spg is None else spg * f,
+        )
+        return fit
 
     def _make_advantages(self, group_size: int):
         return make_advantages(
@@ -463,6 +506,7 @@ class GRPOTrainer:
             batch,
             temperature=self.args.temperature,
             prompt_share=self.loss_config.prompt_share,
+            max_chunk_elements=self.loss_config.head_chunk_elements,
         )
 
     def _build_step(self):

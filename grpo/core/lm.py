@@ -19,6 +19,7 @@ from __future__ import annotations
 import weakref
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
 # Attribute paths, from the model, of the module that maps token ids to last hidden states.
 TRUNK_PATHS = (("model",), ("backbone",), ("language_model", "model"), ("transformer",))
@@ -64,44 +65,89 @@ class _Output:
     """Stands in for the trunk inside the model's ``__call__``: returns the given hidden
     states; every attribute (``embed_tokens``, ``args``, ...) is the real trunk's."""
 
-    def __init__(self, module, hidden):
+    def __init__(self, module, hidden, reads=None, where=""):
         self._module, self._hidden = module, hidden
+        self._reads, self._where = reads, where
 
     def __call__(self, *args, **kwargs):
         return self._hidden
 
     def __getattr__(self, name):
+        if self._reads is not None:
+            self._reads.add(self._where + name)
         return getattr(self._module, name)
 
 
 class _Parent:
     """A module seen with one child replaced; calling it runs the module's own ``__call__``."""
 
-    def __init__(self, module, name, child):
+    def __init__(self, module, name, child, reads=None, where=""):
         self._module, self._name, self._child = module, name, child
+        self._reads, self._where = reads, where
 
     def __call__(self, *args, **kwargs):
         return type(self._module).__call__(self, *args, **kwargs)
 
     def __getattr__(self, name):
-        return self._child if name == self._name else getattr(self._module, name)
+        if name == self._name:
+            return self._child
+        if self._reads is not None:
+            self._reads.add(self._where + name)
+        return getattr(self._module, name)
 
 
-def head(model, hidden: mx.array) -> mx.array:
+def head(model, hidden: mx.array, *, reads: set | None = None) -> mx.array:
     """Logits ``[..., T, V]`` from last hidden states ``[..., T, D]``, by ``model``'s own code.
 
     Runs ``type(model).__call__`` with the trunk replaced by ``hidden``; only meaningful
-    once :func:`check_split` has said the split reproduces the model.
+    once :func:`check_split` has said the split reproduces the model. ``reads``, when
+    given, collects the dotted paths of the attributes the head looked up.
     """
     path = trunk_path(model)
     modules = [model]
     for name in path:
         modules.append(getattr(modules[-1], name))
-    stand_in = _Output(modules[-1], hidden)
-    for module, name in zip(reversed(modules[:-1]), reversed(path), strict=True):
-        stand_in = _Parent(module, name, stand_in)
+    where = [".".join(path[:i]) + "." if i else "" for i in range(len(path) + 1)]
+    stand_in = _Output(modules[-1], hidden, reads, where[-1])
+    for i in reversed(range(len(path))):
+        stand_in = _Parent(modules[i], path[i], stand_in, reads, where[i])
     dummy = mx.zeros(hidden.shape[:-1], dtype=mx.int32)
     return stand_in(dummy)
+
+
+def head_parameters(model, hidden: mx.array) -> list[tuple[str, mx.array]]:
+    """The trainable parameters ``(path, array)`` that :func:`head` reads.
+
+    Found by recording the attributes the model's own ``__call__`` looks up once the trunk
+    is replaced (``lm_head``, or ``model.embed_tokens`` when the embeddings are tied, a
+    logit scale, ...); nothing is evaluated, so it works inside a trace.
+
+    Args:
+        model: the causal LM, with its parameters set.
+        hidden: any ``[..., T, D]`` hidden states (only the head's call is recorded).
+    """
+    reads: set[str] = set()
+    head(model, hidden[..., :1, :], reads=reads)
+    flat = tree_flatten(model.trainable_parameters())
+    return [(p, x) for p, x in flat if any(p == r or p.startswith(r + ".") for r in reads)]
+
+
+def make_head_fn(model, paths: list[str]):
+    """``head_fn(params, hidden) -> logits``: :func:`head` with the weights at ``paths``
+    taken from ``params`` (for :func:`grpo.core.logprobs.head_logprobs`)."""
+
+    # A compiled step's tape keeps this function alive; a strong reference would let the
+    # tape's destruction (under mlx's compile-cache lock) free the model and the compiled
+    # functions it holds, which take that lock again.
+    ref = weakref.ref(model)
+
+    def head_fn(params, hidden):
+        m = ref()
+        if paths:
+            m.update(tree_unflatten(list(zip(paths, params, strict=True))))
+        return head(m, hidden)
+
+    return head_fn
 
 
 def check_split(model, *, atol: float = CHECK_ATOL) -> bool:

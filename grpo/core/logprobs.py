@@ -200,3 +200,102 @@ def token_logprobs_and_entropy(
         _logp_entropy_chunk, logits, tokens, temperature, max_chunk_elements
     )
     return logp, entropy
+
+
+# --------------------------------------------------------------- chunked LM head
+
+# Logits elements per head chunk. A chunk costs about 13 (eager) to 20 (compiled) float32
+# arrays of its size at the peak (the log-softmax and its backward), so 2**22 is ~330 MB.
+DEFAULT_HEAD_CHUNK_ELEMENTS = 1 << 22
+
+
+def head_chunk_rows(V: int, max_chunk_elements: int = DEFAULT_HEAD_CHUNK_ELEMENTS) -> int:
+    """Positions per chunk of :func:`head_logprobs` so one chunk's logits hold at most
+    ``max_chunk_elements`` elements (at least one position)."""
+    return max(1, max_chunk_elements // max(V, 1))
+
+
+def _head_blocks(R: int, rows: int) -> list[tuple[int, int]]:
+    return [(r, min(r + rows, R)) for r in range(0, R, rows)]
+
+
+def head_logprobs(
+    head_fn,
+    hidden: mx.array,
+    tokens: mx.array,
+    params: list[mx.array],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_rows: int,
+):
+    """Log-probs (and entropies) of ``tokens`` under ``head_fn``'s logits, a chunk at a time.
+
+    .. math:: \\log \\pi(y_t) = z_{t, y_t}/\\tau - \\operatorname{logsumexp}_v(z_{t,v}/\\tau),
+              \\quad z_t = \\text{head}(h_t)
+
+    The ``N * T`` positions go through the head ``chunk_rows`` at a time, and the backward
+    recomputes each chunk's logits instead of keeping them: neither pass holds anything of
+    size ``[N, T, V]``, only ``[chunk_rows, V]`` temporaries and one gradient per weight.
+
+    Args:
+        head_fn: ``head_fn(params, h [1, c, D]) -> logits [1, c, V]``, a pure function of
+            its arguments (the head's weights come in as ``params``).
+        hidden: ``[N, T, D]`` last hidden states that predict ``tokens``.
+        tokens: ``[N, T]`` integer ids.
+        params: the head's differentiable weights (may be empty, e.g. a frozen head).
+        temperature: ``tau > 0``.
+        with_entropy: also return per-token entropies (differentiable).
+        chunk_rows: positions per chunk (:func:`head_chunk_rows`).
+
+    Returns:
+        ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
+    """
+    N, T, D = hidden.shape
+    if tuple(tokens.shape) != (N, T):
+        raise ValueError(
+            f"head_logprobs: hidden must be [N, T, D] and tokens [N, T]; got hidden.shape="
+            f"{tuple(hidden.shape)}, tokens.shape={tuple(tokens.shape)}"
+        )
+    if chunk_rows < 1:
+        raise ValueError(f"head_logprobs: chunk_rows must be >= 1, got {chunk_rows!r}")
+    blocks = _head_blocks(N * T, chunk_rows)
+    chunk = _logp_entropy_chunk if with_entropy else _logp_chunk
+
+    def logits_of(hb, ps):
+        return head_fn(list(ps), hb[None])[0]
+
+    @mx.custom_function
+    def f(h, y, *ps):
+        outs, prev = [], None
+        for r0, r1 in blocks:
+            hb = h[r0:r1] if prev is None else mx.depends(h[r0:r1], prev)
+            out = chunk(logits_of(hb, ps), y[r0:r1], temperature)
+            prev = list(out) if isinstance(out, tuple) else [out]
+            outs.append(prev)
+        return tuple(mx.concatenate(k, axis=0) for k in zip(*outs, strict=True))
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        h, y, *ps = primals
+        cots = list(cotangents) if isinstance(cotangents, (tuple, list)) else [cotangents]
+        outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        dh, dps, prev = [], None, None
+        for r0, r1 in blocks:
+            # Each chunk waits for the previous one's gradients, so only one chunk's
+            # recomputed logits and their float32 temporaries are alive at a time.
+            hb = h[r0:r1] if prev is None else mx.depends(h[r0:r1], prev)
+            yb = y[r0:r1][None]
+            logits = logits_of(hb, ps)[None]
+            cb = [c[r0:r1][None] for c in cots]
+            ob = [o[r0:r1][None] for o in outs]
+            g = _grad_chunk(logits, yb, cb, ob, temperature)[0]
+            _, grads = mx.vjp(lambda x, *w: logits_of(x, w), [hb, *ps], [g])
+            dh.append(grads[0])
+            dps = grads[1:] if dps is None else [a + b for a, b in zip(dps, grads[1:], strict=True)]
+            prev = [grads[0], *dps]
+        return (mx.concatenate(dh, axis=0), mx.zeros_like(y), *dps)
+
+    outs = f(hidden.reshape(N * T, D), tokens.reshape(N * T).astype(mx.int32), *params)
+    outs = [o.reshape(N, T) for o in outs]
+    return tuple(outs) if with_entropy else outs[0]

@@ -40,8 +40,21 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from grpo.core.batch import LossBatch
-from grpo.core.lm import completion_logits
-from grpo.core.logprobs import token_logprobs, token_logprobs_and_entropy
+from grpo.core.lm import (
+    completion_logits,
+    head,
+    head_parameters,
+    make_head_fn,
+    split_ok,
+    trunk,
+)
+from grpo.core.logprobs import (
+    DEFAULT_HEAD_CHUNK_ELEMENTS,
+    head_chunk_rows,
+    head_logprobs,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from grpo.core.numerics import masked_mean, masked_sum, safe_div
 from grpo.core.shared_prompt import can_share, shared_prompt_hidden
 
@@ -87,6 +100,8 @@ class LossConfig:
             this); the forward then runs each prompt once (:mod:`grpo.core.shared_prompt`).
             1 (default) makes no assumption. The trainer sets
             ``gcd(per_device_train_batch_size, num_generations)``.
+        head_chunk_elements: logits elements (``positions * V``) the LM head forms at
+            once in the loss; bounds the head's memory, not its result.
     """
 
     loss_type: str = attrs.field(
@@ -112,6 +127,7 @@ class LossConfig:
     vespo_lambda_neg: float = 2.0
     temperature: float = 1.0
     prompt_share: int = 1
+    head_chunk_elements: int = DEFAULT_HEAD_CHUNK_ELEMENTS
 
     def __attrs_post_init__(self):
         if self.epsilon_high is None:
@@ -147,6 +163,8 @@ class LossConfig:
         for name in ("vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             v = getattr(self, name)
             _require(_finite(v) and v >= 0, name, v, ">= 0")
+        n = self.head_chunk_elements
+        _require(isinstance(n, int) and n > 0, "head_chunk_elements", n, "a positive int")
         _require(
             _finite(self.temperature) and self.temperature > 0,
             "temperature",
@@ -743,6 +761,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     prompt_share: int = 1,
+    max_chunk_elements: int = DEFAULT_HEAD_CHUNK_ELEMENTS,
 ):
     """Log-probs of each completion token, with logits only at completion positions.
 
@@ -750,10 +769,12 @@ def completion_logprobs(
 
     Runs the model's trunk on ``batch.input_ids``, gathers the hidden states at positions
     ``s_i - 1 + t`` (the ones that predict completion token ``t``) and applies the model's
-    own head only there (:mod:`grpo.core.lm`): ``[N, T, V]`` logits, never
-    ``[N, P + T, V]``. A model whose trunk/head split was not verified equal to its own
-    forward is scored by that full forward instead. The one place where the model object
-    meets the parameter arrays.
+    own head only there (:mod:`grpo.core.lm`), a chunk of positions at a time with the
+    logits recomputed in the backward (:func:`grpo.core.logprobs.head_logprobs`): nothing
+    of size ``[N, T, V]`` is formed in either pass. A model whose trunk/head split was not
+    verified equal to its own forward is scored by that full forward instead (its
+    ``[N, P + T, V]`` logits, then a chunked log-softmax). The one place where the model
+    object meets the parameter arrays.
 
     Args:
         model: an mlx-lm causal LM; updated in place with ``params``.
@@ -766,34 +787,51 @@ def completion_logprobs(
         prompt_share: rows ``j*k .. j*k+k-1`` (``k = prompt_share``) hold the same prompt;
             with ``k > 1`` each prompt runs once (:mod:`grpo.core.shared_prompt`) when the
             model supports it, else the packed forward runs. Same result either way.
+        max_chunk_elements: logits elements per head chunk (``positions * V``).
 
     Returns:
         ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
     """
     model.update(params)
-    logits = _completion_logits(model, batch, prompt_share)
-    if with_entropy:
-        return token_logprobs_and_entropy(logits, batch.completion_ids, temperature=temperature)
-    return token_logprobs(logits, batch.completion_ids, temperature=temperature)
-
-
-def _completion_logits(model, batch: LossBatch, prompt_share: int) -> mx.array:
     N, T = batch.completion_ids.shape
     # Row i's completion token t sits at s_i + t and is predicted from position s_i + t - 1.
     pos = batch.completion_start.astype(mx.int32)[:, None] - 1 + mx.arange(T)[None, :]
-    hidden_fn = None
+    if not split_ok(model):
+        logits = completion_logits(model, batch.input_ids, pos)
+        if with_entropy:
+            return token_logprobs_and_entropy(logits, batch.completion_ids, temperature=temperature)
+        return token_logprobs(logits, batch.completion_ids, temperature=temperature)
+    hidden = _completion_hidden(model, batch, pos, prompt_share)
+    weights = head_parameters(model, hidden)
+    V = _vocab_size(model, hidden)
+    return head_logprobs(
+        make_head_fn(model, [p for p, _ in weights]),
+        hidden,
+        batch.completion_ids,
+        [w for _, w in weights],
+        temperature=temperature,
+        with_entropy=with_entropy,
+        chunk_rows=head_chunk_rows(V, max_chunk_elements),
+    )
+
+
+def _vocab_size(model, hidden: mx.array) -> int:
+    # Shape inference only: the one-position head call below is never evaluated.
+    return head(model, hidden[:1, :1]).shape[-1]
+
+
+def _completion_hidden(model, batch: LossBatch, pos: mx.array, prompt_share: int) -> mx.array:
+    N = batch.completion_ids.shape[0]
     if can_share(model, N, prompt_share):
-
-        def hidden_fn():
-            return shared_prompt_hidden(
-                model,
-                batch.input_ids,
-                batch.completion_start,
-                batch.completion_ids,
-                share=prompt_share,
-            )
-
-    return completion_logits(model, batch.input_ids, pos, hidden_fn)
+        return shared_prompt_hidden(
+            model,
+            batch.input_ids,
+            batch.completion_start,
+            batch.completion_ids,
+            share=prompt_share,
+        )
+    h = trunk(model)(batch.input_ids)
+    return mx.take_along_axis(h, pos[..., None], axis=1)
 
 
 def lora_reference_params(params):
@@ -843,7 +881,12 @@ def _reference_logprobs(model, ref_params, batch: LossBatch, cfg: LossConfig):
             )
         return batch.ref_logprobs
     logp = completion_logprobs(
-        model, ref_params, batch, temperature=cfg.temperature, prompt_share=cfg.prompt_share
+        model,
+        ref_params,
+        batch,
+        temperature=cfg.temperature,
+        prompt_share=cfg.prompt_share,
+        max_chunk_elements=cfg.head_chunk_elements,
     )
     return mx.stop_gradient(logp)
 
@@ -880,6 +923,7 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
         temperature=cfg.temperature,
         with_entropy=True,
         prompt_share=cfg.prompt_share,
+        max_chunk_elements=cfg.head_chunk_elements,
     )
     return make_policy_loss(cfg)(
         logprobs,

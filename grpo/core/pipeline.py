@@ -95,7 +95,11 @@ def per_micro(
     """``fn(params, rows)`` over ``micro``-row slices of ``batch``, concatenated: the
     reference or old log-probs ``[N, T]`` computed in the step's micro-batch shapes."""
     N = batch.input_ids.shape[0]
-    parts = [fn(params, batch_rows(batch, s, s + micro)) for s in range(0, N, micro)]
+    parts = []
+    for s in range(0, N, micro):
+        # One micro-batch evaluated at a time: its activations are freed before the next.
+        parts.append(fn(params, batch_rows(batch, s, s + micro)))
+        mx.eval(parts[-1])
     return mx.concatenate(parts, axis=0)
 
 

@@ -241,11 +241,20 @@ def draw(z: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
     Returns:
         ``(tokens [N] int32, logsumexp [N, 1] float32)``.
     """
+    u = 1.0 - mx.random.uniform(shape=(z.shape[0],), key=key)
+    return draw_with(z, u)
+
+
+def draw_with(z: mx.array, u: mx.array) -> tuple[mx.array, mx.array]:
+    """:func:`draw` with the uniforms given: ``u [N]`` in ``(0, 1]``, one per row.
+
+    A row's token then depends only on its own logits and ``u``, not on which other rows
+    share the batch (continuous batching keys each row's draws by row and step).
+    """
     m = mx.stop_gradient(mx.max(z, axis=-1, keepdims=True))
     cdf = mx.cumsum(fastmath.exp(z - m), axis=-1)
     total = cdf[:, -1:]
-    u = 1.0 - mx.random.uniform(shape=total.shape, key=key)
-    tokens = mx.minimum(mx.sum(cdf < u * total, axis=-1), z.shape[-1] - 1)
+    tokens = mx.minimum(mx.sum(cdf < u[:, None] * total, axis=-1), z.shape[-1] - 1)
     return tokens.astype(mx.int32), m + mx.log(total)
 
 
@@ -259,15 +268,27 @@ def make_sample_fn(
     Greedy returns log-probs under the untempered (``tau = 1``) distribution after the
     repetition penalty, since the point mass it samples from carries no information.
     """
+    return _sampler(cfg, draw)
+
+
+def make_uniform_sample_fn(
+    cfg: SamplingConfig,
+) -> Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """:func:`make_sample_fn` with the draw's uniforms given instead of a key:
+    ``(logits [N, V], seen [N, V], u [N]) -> (tokens [N], logprobs [N])`` (:func:`draw_with`)."""
+    return _sampler(cfg, draw_with)
+
+
+def _sampler(cfg: SamplingConfig, drawer):
     transform = make_transform(cfg)
 
-    def sample(logits: mx.array, seen: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+    def sample(logits: mx.array, seen: mx.array, noise: mx.array) -> tuple[mx.array, mx.array]:
         z = transform(logits.astype(mx.float32), seen)
         if cfg.greedy:
             tokens = mx.argmax(z, axis=-1).astype(mx.int32)
             lse = fastmath.logsumexp(z, axis=-1, keepdims=True)
         else:
-            tokens, lse = draw(z, key)
+            tokens, lse = drawer(z, noise)
         picked = mx.take_along_axis(z, tokens[:, None], axis=-1)[:, 0] - lse[:, 0]
         return tokens, picked
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from grpo.core import distributed as dist
 from grpo.core.loss import LOSSES
@@ -96,19 +96,29 @@ def bucket_length(n: int, *, multiple: int | None = None, cap: int | None = None
 # -- the step ----------------------------------------------------------------------------
 
 
+def _is_leaf(x) -> bool:
+    return x is None or isinstance(x, mx.array)
+
+
+def _after(x, done):
+    return None if x is None else mx.depends(x, done)
+
+
 def _micro(batch: Any, k: int) -> Any:
     # None marks an absent optional field (LossBatch); it stays None in every micro-batch.
-    return tree_map(
-        lambda x: None if x is None else x[k],
-        batch,
-        is_leaf=lambda x: x is None or isinstance(x, mx.array),
-    )
+    return tree_map(lambda x: None if x is None else x[k], batch, is_leaf=_is_leaf)
 
 
 def _accumulate(grad_fn, params, batch, weights: mx.array, K: int):
     grads, loss, metrics = None, mx.array(0.0, mx.float32), []
     for k in range(K):
-        (loss_k, metrics_k), g = grad_fn(params, _micro(batch, k))
+        micro = _micro(batch, k)
+        if grads is not None:
+            # Micro-batch k starts once k - 1's gradients exist, so one micro-batch's
+            # activations are live at a time (MLX would otherwise run them side by side).
+            done = [x for _, x in tree_flatten(grads)] + [loss]
+            micro = tree_map(lambda x, done=done: _after(x, done), micro, is_leaf=_is_leaf)
+        (loss_k, metrics_k), g = grad_fn(params, micro)
         w = weights[k]
         g = tree_map(lambda x, w=w: x * w.astype(x.dtype), g)
         grads = g if grads is None else tree_map(mx.add, grads, g)

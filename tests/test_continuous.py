@@ -1,0 +1,110 @@
+"""Continuous batching: any number of decode slots gives each row the same completion."""
+
+# isort: off
+import grpo  # noqa: F401  (fast BLAS before mlx)
+
+# isort: on
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_map_with_path
+
+from grpo.core import continuous
+from grpo.core.continuous import rollout_continuous
+from grpo.core.rollout import rollout
+from grpo.core.sampling import SamplingConfig
+
+TEXTS = ("hello world", "a", "the quick brown fox jumps")
+EOS = tuple(range(3, 40))  # many end ids: rows end at scattered steps, slots get refilled
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model_dir):
+    model, tok = mlx_lm.load(str(tiny_model_dir))
+    model.update(tree_map_with_path(lambda p, x: x if "norm" in p else 5.0 * x, model.parameters()))
+    mx.eval(model.parameters())
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def prompts(model_tok):
+    return [model_tok[1].encode(t) for t in TEXTS]
+
+
+def _run(model, prompts, slots, key=3, eos_at=None, **kw):
+    cfg = SamplingConfig(**{"group_size": 4, "max_tokens": 24, "eos_ids": EOS, **kw})
+    return rollout_continuous(
+        model.parameters(),
+        mx.random.key(key),
+        prompts,
+        model=model,
+        sampling=cfg,
+        slots=slots,
+        eos_at=eos_at,
+    )
+
+
+@pytest.mark.parametrize("slots", [1, 3, 5])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_refilled_slots_give_the_same_rows_as_all_at_once(model_tok, prompts, slots, penalty):
+    model, _ = model_tok
+    full = _run(model, prompts, 12, repetition_penalty=penalty)
+    few = _run(model, prompts, slots, repetition_penalty=penalty)
+    lengths = np.array(full.completion_lengths)
+    assert len(set(lengths.tolist())) > 3  # rows end at many different steps
+    np.testing.assert_array_equal(np.array(few.completion_ids), np.array(full.completion_ids))
+    np.testing.assert_array_equal(np.array(few.completion_mask), np.array(full.completion_mask))
+    np.testing.assert_allclose(np.array(few.logprobs), np.array(full.logprobs), atol=1e-5)
+
+
+def test_logprobs_equal_teacher_forced(model_tok, prompts):
+    model, _ = model_tok
+    r = _run(model, prompts, 5, temperature=0.8)
+    for i in range(r.completion_ids.shape[0]):
+        P, T = int(r.prompt_lengths[i]), int(r.completion_lengths[i])
+        ids = r.prompt_ids[i, :P].tolist() + r.completion_ids[i, :T].tolist()
+        z = np.array(model(mx.array(ids)[None])[0].astype(mx.float32), np.float64) / 0.8
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        want = logp[np.arange(P - 1, P - 1 + T), ids[P:]]
+        np.testing.assert_allclose(np.array(r.logprobs[i, :T]), want, atol=1e-4)
+
+
+def test_greedy_equals_the_batched_rollout(model_tok, prompts):
+    # Greedy draws no noise, so the slot engine must reproduce rollout row for row.
+    model, tok = model_tok
+    cfg = SamplingConfig(group_size=2, max_tokens=16, temperature=0.0, eos_ids=EOS)
+    want = rollout(model.parameters(), mx.random.key(0), prompts, model=model, sampling=cfg)
+    got = rollout_continuous(
+        model.parameters(), mx.random.key(0), prompts, model=model, sampling=cfg, slots=2
+    )
+    np.testing.assert_array_equal(np.array(got.completion_ids), np.array(want.completion_ids))
+    np.testing.assert_allclose(np.array(got.logprobs), np.array(want.logprobs), atol=1e-4)
+
+
+def test_no_retrace_after_warm_up(model_tok, prompts):
+    model, _ = model_tok
+    _run(model, prompts, 4, key=1)
+    before = continuous.TRACES[0]
+    _run(model, prompts, 4, key=2)
+    assert continuous.TRACES[0] == before
+
+
+def test_rejects_bad_slots(model_tok, prompts):
+    with pytest.raises(ValueError, match="slots"):
+        _run(model_tok[0], prompts, 0)
+
+
+def test_eos_at_ends_rows_at_pre_drawn_positions(model_tok, prompts):
+    model, _ = model_tok
+    eos_at = np.random.default_rng(0).integers(1, 25, 12)
+    eos_at[0] = 1  # ends at its very first token
+    rare = (127,)  # an end id the rows hardly ever sample on their own
+    full = _run(model, prompts, 12, eos_ids=rare, eos_at=eos_at)
+    few = _run(model, prompts, 3, eos_ids=rare, eos_at=eos_at)
+    lengths = np.array(full.completion_lengths)
+    assert (lengths <= eos_at).all() and (lengths == eos_at).mean() > 0.8
+    ids = np.array(full.completion_ids)
+    assert all(ids[i, lengths[i] - 1] == 127 for i in range(12))
+    np.testing.assert_array_equal(np.array(few.completion_ids), ids)
