@@ -14,7 +14,6 @@ step: any ``S`` gives the same completions as ``S = N`` (all rows at once, no re
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 
 import mlx.core as mx
@@ -30,6 +29,7 @@ from grpo.core.rollout import (
     _prefill,
     _round_up,
     _seen_tokens,
+    compiled_per_model,
     end_flags,
 )
 from grpo.core.sampling import SamplingConfig, make_uniform_sample_fn
@@ -71,13 +71,7 @@ TRACES = [0]
 
 
 def _compiled_step(model, sampling: SamplingConfig):
-    per_model = _STEPS.get(id(model))
-    if per_model is None:
-        per_model = _STEPS[id(model)] = {}
-        weakref.finalize(model, _STEPS.pop, id(model), None)
-    if sampling not in per_model:
-        per_model[sampling] = mx.compile(_make_step(weakref.ref(model), sampling))
-    return per_model[sampling]
+    return compiled_per_model(_STEPS, model, sampling, _make_step)
 
 
 def _make_step(model_ref, sampling):

@@ -316,14 +316,20 @@ class DecodeState(NamedTuple):
     ended: mx.array  # [n] bool
 
 
-def _compiled_step(model, sampling: SamplingConfig):
-    per_model = _STEPS.get(id(model))
+def compiled_per_model(steps: dict, model, sampling: SamplingConfig, make):
+    """``mx.compile(make(weakref(model), sampling))``, cached in ``steps`` per model (dropped
+    with the model) and per sampling config."""
+    per_model = steps.get(id(model))
     if per_model is None:
-        per_model = _STEPS[id(model)] = {}
-        weakref.finalize(model, _STEPS.pop, id(model), None)
+        per_model = steps[id(model)] = {}
+        weakref.finalize(model, steps.pop, id(model), None)
     if sampling not in per_model:
-        per_model[sampling] = mx.compile(_make_step(weakref.ref(model), sampling))
+        per_model[sampling] = mx.compile(make(weakref.ref(model), sampling))
     return per_model[sampling]
+
+
+def _compiled_step(model, sampling: SamplingConfig):
+    return compiled_per_model(_STEPS, model, sampling, _make_step)
 
 
 def _make_step(model_ref, sampling):
