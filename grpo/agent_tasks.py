@@ -27,9 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import string
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -193,24 +191,16 @@ def encode_demo(parts, tokenizer, code: str, *, use_tool: bool) -> tuple[list[in
 
 def warm_start(model, tokenizer, *, config: LookupWarmStart = WARM_START, log=None):
     """Train ``model`` in place on seeded demonstrations; returns the loss per step."""
-    from functools import partial
 
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
 
     from grpo.agent import ToolLoop
-    from grpo.warmstart import sft_loss
+    from grpo.warmstart import sft_step
 
-    optimizer = optim.Adam(learning_rate=config.learning_rate, bias_correction=True)
-    loss_and_grad = nn.value_and_grad(model, sft_loss)
-    state = [model.state, optimizer.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(tokens, mask):
-        loss, grads = loss_and_grad(model, tokens, mask)
-        optimizer.update(model, grads)
-        return loss
+    step, state = sft_step(
+        model, optim.Adam(learning_rate=config.learning_rate, bias_correction=True)
+    )
 
     rng = random.Random(config.seed)
     parts = demo_parts(ToolLoop(tokenizer, format="mistral"), tokenizer)
@@ -292,25 +282,11 @@ def ensure_model(
     log: Callable[[str], None] = print,
 ) -> Path:
     """The cached warm-started model of the task, built first (atomically) if missing."""
-    from grpo.default_job import is_cached
+    from grpo.default_job import build_cached
 
-    final = model_dir(cache_dir, config=config)
-    root = final.parent
-    if is_cached(final):
-        log(f"model: cached warm-started tiny model {final}")
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    log(f"model: building a seeded tiny model for the {NAME!r} task in {final}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        build(tmp, config=config, log=log)
-        try:
-            tmp.rename(final)
-        except OSError:
-            # Another process finished the same build first; its copy is identical.
-            if not is_cached(final):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_cached(
+        model_dir(cache_dir, config=config),
+        lambda tmp: build(tmp, config=config, log=log),
+        what=f"a seeded tiny model for the {NAME!r} task",
+        log=log,
+    )

@@ -157,15 +157,27 @@ def ensure_model(
     """
     get_task(task)  # fail on an unknown task before building anything
     final = model_dir(cache_dir, task=task, size=size, seed=seed, warm_start=warm_start)
-    root = final.parent
+    return build_cached(
+        final,
+        lambda tmp: _build(tmp, task=task, size=size, seed=seed, warm_start=warm_start, log=log),
+        what=f"a seeded tiny model (size={size!r}, seed={seed})",
+        log=log,
+    )
+
+
+def build_cached(
+    final: Path, build: Callable[[Path], object], *, what: str, log: Callable[[str], None]
+) -> Path:
+    """``final`` if already cached, else ``build(tmp)`` in a temporary sibling renamed to
+    ``final`` at the end, so a reader never sees a half-built model."""
     if is_cached(final):
         log(f"model: cached warm-started tiny model {final}")
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    log(f"model: building a seeded tiny model (size={size!r}, seed={seed}) in {final}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log(f"model: building {what} in {final}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _build(tmp, task=task, size=size, seed=seed, warm_start=warm_start, log=log)
+        build(tmp)
         try:
             tmp.rename(final)
         except OSError:

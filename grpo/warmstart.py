@@ -99,6 +99,23 @@ def sft_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> mx.array:
     return ce.sum() / mx.maximum(weights.sum(), 1.0)
 
 
+def sft_step(model: nn.Module, optimizer: optim.Optimizer) -> tuple[Callable, list]:
+    """A compiled in-place supervised step ``step(tokens, mask) -> loss`` on ``model``, and
+    the state to evaluate after each call."""
+    loss_and_grad = nn.value_and_grad(model, sft_loss)
+    state = [model.state, optimizer.state]
+
+    # The mlx-lm idiom for a compiled in-place step: module and optimizer state are
+    # declared as implicit inputs/outputs so mx.compile tracks their updates.
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(tokens, mask):
+        loss, grads = loss_and_grad(model, tokens, mask)
+        optimizer.update(model, grads)
+        return loss
+
+    return step, state
+
+
 def warm_start(
     model: nn.Module,
     tokenizer,
@@ -112,17 +129,7 @@ def warm_start(
     Each step draws a fresh batch of inputs from a seeded stream, so two runs with the same
     config and the same initial weights give the same model.
     """
-    optimizer = optim.Adam(learning_rate=config.learning_rate)
-    loss_and_grad = nn.value_and_grad(model, sft_loss)
-    state = [model.state, optimizer.state]
-
-    # The mlx-lm idiom for a compiled in-place step: module and optimizer state are
-    # declared as implicit inputs/outputs so mx.compile tracks their updates.
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(tokens, mask):
-        loss, grads = loss_and_grad(model, tokens, mask)
-        optimizer.update(model, grads)
-        return loss
+    step, state = sft_step(model, optim.Adam(learning_rate=config.learning_rate))
 
     strings = random_strings(config.steps * config.batch_size, seed=config.seed, task=task)
     losses = []
