@@ -18,6 +18,8 @@ MODULES = [
     ("grpo.core.advantages", "Group-relative advantages"),
     ("grpo.core.logprobs", "Log-probabilities"),
     ("grpo.core.loss", "Policy losses"),
+    ("grpo.core.surrogates", "Loss pieces"),
+    ("grpo.core.forward", "Model forward of the loss"),
     ("grpo.core.shared_prompt", "Shared-prompt training forward"),
     ("grpo.core.attention", "CPU attention kernels"),
     ("grpo.core.kv_cache", "KV caches"),

@@ -17,10 +17,9 @@ _EXPORTS = {
     "grpo.core.numerics": ["safe_div", "masked_mean", "masked_sum", "nanmean", "nanstd"],
     "grpo.core.logprobs": ["token_logprobs", "token_logprobs_and_entropy"],
     "grpo.core.advantages": ["advantages", "make_advantages", "Advantages", "weighted_rewards"],
-    "grpo.core.loss": [
-        "LossConfig", "LOSS_TYPES", "kl_k3", "policy_loss", "make_policy_loss", "grpo_loss",
-        "completion_logprobs", "lora_reference_params",
-    ],
+    "grpo.core.surrogates": ["LOSS_TYPES", "kl_k3"],
+    "grpo.core.loss": ["LossConfig", "policy_loss", "make_policy_loss", "grpo_loss"],
+    "grpo.core.forward": ["completion_logprobs", "lora_reference_params"],
     "grpo.core.batch": ["LossBatch", "pack"],
     "grpo.core.pipeline": ["pad_rollout", "loss_batch", "per_micro", "micro_batches"],
     "grpo.core.sampling": ["SamplingConfig"],

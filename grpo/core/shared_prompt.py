@@ -16,7 +16,7 @@ through its keys/values and through ``h_{i,0}``.
 
 Only a model whose attention reads prefix caches (:func:`grpo.core.rollout.shares_prefix`,
 i.e. grpo's CPU kernels are installed) and whose blocks are not gradient-checkpointed can
-take this path; :func:`grpo.core.loss.completion_logprobs` falls back to the packed
+take this path; :func:`grpo.core.forward.completion_logprobs` falls back to the packed
 forward otherwise.
 """
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from grpo.core.loss import lora_reference_params
+from grpo.core.forward import lora_reference_params
 from grpo.io.fast_attention import install_fast_kernels
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
