@@ -14,7 +14,7 @@ on the machine barely change; it is reported next to wall time.
   vs the working tree (B).
 * ``checkpointing``: ``gradient_checkpointing`` off (A) vs on (B).
 * ``share``: the packed training forward (A) vs each prompt run once per group (B,
-  ``grpo.core.shared_prompt``).
+  ``grpo.core.shared_prefix``).
 * ``kernels``: mlx's own CPU exp/softmax/attention/SwiGLU (A) vs grpo's
   (``grpo.core.fastmath`` + ``install_fast_kernels``, with the shared-prefix decode) (B).
 """

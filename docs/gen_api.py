@@ -20,7 +20,7 @@ MODULES = [
     ("grpo.core.loss", "Policy losses"),
     ("grpo.core.surrogates", "Loss pieces"),
     ("grpo.core.forward", "Model forward of the loss"),
-    ("grpo.core.shared_prompt", "Shared-prompt training forward"),
+    ("grpo.core.shared_prefix", "Shared-prefix training forward"),
     ("grpo.core.attention", "CPU attention kernels"),
     ("grpo.core.kv_cache", "KV caches"),
     ("grpo.core.pipeline", "From a rollout to micro-batches"),

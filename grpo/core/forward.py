@@ -4,7 +4,7 @@
 
 :func:`completion_logprobs` is the one place where a model object meets its parameter
 arrays: it runs the trunk (each shared prompt once when it can,
-:mod:`grpo.core.shared_prompt`), gathers the hidden states that predict completion
+:mod:`grpo.core.shared_prefix`), gathers the hidden states that predict completion
 tokens and applies the model's own LM head to them a chunk at a time
 (:func:`grpo.core.logprobs.head_logprobs`). :func:`lora_reference_params` turns a LoRA
 adapter tree into the frozen base model's reference policy.
@@ -31,7 +31,7 @@ from grpo.core.logprobs import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
-from grpo.core.shared_prompt import can_share, shared_prompt_hidden
+from grpo.core.shared_prefix import can_share_prefix, shared_prefix_hidden
 
 
 def completion_logprobs(
@@ -66,7 +66,7 @@ def completion_logprobs(
         temperature: log-probs are taken under ``softmax(logits / temperature)``.
         with_entropy: also return per-token entropies.
         prompt_share: rows ``j*k .. j*k+k-1`` (``k = prompt_share``) hold the same prompt;
-            with ``k > 1`` each prompt runs once (:mod:`grpo.core.shared_prompt`) when the
+            with ``k > 1`` each prompt runs once (:mod:`grpo.core.shared_prefix`) when the
             model supports it, else the packed forward runs. Same result either way.
         max_chunk_elements: logits elements per head chunk (``positions * V``).
 
@@ -103,8 +103,8 @@ def _vocab_size(model, hidden: mx.array) -> int:
 
 def _completion_hidden(model, batch: LossBatch, pos: mx.array, prompt_share: int) -> mx.array:
     N = batch.completion_ids.shape[0]
-    if can_share(model, N, prompt_share):
-        return shared_prompt_hidden(
+    if can_share_prefix(model, N, prompt_share):
+        return shared_prefix_hidden(
             model,
             batch.input_ids,
             batch.completion_start,

@@ -109,7 +109,7 @@ class LossConfig:
         temperature: sampling temperature; :func:`grpo_loss` scores completions under
             ``softmax(logits / temperature)`` as TRL does, so it must match the sampler.
         prompt_share: rows ``j*k .. j*k+k-1`` of every batch share a prompt (``k`` =
-            this); the forward then runs each prompt once (:mod:`grpo.core.shared_prompt`).
+            this); the forward then runs each prompt once (:mod:`grpo.core.shared_prefix`).
             1 (default) makes no assumption. The trainer sets
             ``gcd(per_device_train_batch_size, num_generations)``.
         head_chunk_elements: logits elements (``positions * V``) the LM head forms at
