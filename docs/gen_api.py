@@ -10,7 +10,6 @@ from pathlib import Path
 import attrs
 
 import grpo
-import grpo.tasks  # noqa: F401  (registers exact_match before REWARD_FUNCS is listed)
 from grpo.cli import FIELD_HELP as FIELD_DOCS
 from grpo.config import GRPOConfig
 

@@ -37,7 +37,7 @@ _EXPORTS = {
     ],
     "grpo.rewards": [
         "resolve_reward_funcs", "register_reward", "REWARD_FUNCS", "answer_match", "think_format",
-        "length_penalty",
+        "length_penalty", "exact_match",
     ],
     "grpo.tools": [
         "tool_schema", "parse_tool_calls", "run_tool_calls", "detect_format", "ToolCall",
@@ -57,7 +57,7 @@ _EXPORTS = {
     "grpo.io.reward_model": ["RewardModel", "RewardModelReward", "load_reward_model"],
     "grpo.io.signals": ["TrainingInterrupted", "InterruptGuard"],
     "grpo.io.dist": ["init_distributed", "is_main_process", "main_only", "fail_fast"],
-    "grpo.tasks": ["make_dataset", "exact_match", "TASKS", "get_task"],
+    "grpo.tasks": ["make_dataset", "TASKS", "get_task"],
     "grpo.warmstart": ["warm_start", "WarmStartConfig"],
     "grpo.default_job": ["ensure_model"],
     "grpo.io.plot": ["plot_reward_curve"],

@@ -114,3 +114,10 @@ def test_loss_levels_import_downwards():
     assert grpo_modules == {"grpo.core.numerics"}
     assert not {"grpo.core.loss", "grpo.core.surrogates"} & top_level_imports("forward")
     assert {"grpo.core.surrogates", "grpo.core.forward"} <= top_level_imports("loss")
+
+
+def test_rewards_do_not_import_tasks():
+    """Tasks use the rewards (exact_match); the rewards never need the tasks."""
+    rewards = pathlib.Path(grpo.__file__).parent / "rewards.py"
+    bad = [m for m in _imports(rewards) if m.startswith(("grpo.tasks", "grpo.agent_tasks"))]
+    assert not bad, bad
