@@ -10,8 +10,9 @@ from pathlib import Path
 import attrs
 
 import grpo
-from grpo.cli import FIELD_HELP as FIELD_DOCS
-from grpo.config import GRPOConfig
+from grpo.config import GRPOConfig, field_help
+
+FIELD_DOCS = field_help()  # each field's help, from its attrs metadata
 
 MODULES = [
     ("grpo.core.advantages", "Group-relative advantages"),
