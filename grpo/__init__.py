@@ -17,10 +17,9 @@ _EXPORTS = {
     "grpo.core.numerics": ["safe_div", "masked_mean", "masked_sum", "nanmean", "nanstd"],
     "grpo.core.logprobs": ["token_logprobs", "token_logprobs_and_entropy"],
     "grpo.core.advantages": ["advantages", "make_advantages", "Advantages", "weighted_rewards"],
-    "grpo.core.loss": [
-        "LossConfig", "LOSS_TYPES", "kl_k3", "policy_loss", "make_policy_loss", "grpo_loss",
-        "completion_logprobs", "lora_reference_params",
-    ],
+    "grpo.core.surrogates": ["LOSS_TYPES", "kl_k3"],
+    "grpo.core.loss": ["LossConfig", "policy_loss", "make_policy_loss", "grpo_loss"],
+    "grpo.core.forward": ["completion_logprobs", "lora_reference_params"],
     "grpo.core.batch": ["LossBatch", "pack"],
     "grpo.core.pipeline": ["pad_rollout", "loss_batch", "per_micro", "micro_batches"],
     "grpo.core.sampling": ["SamplingConfig"],
@@ -38,7 +37,7 @@ _EXPORTS = {
     ],
     "grpo.rewards": [
         "resolve_reward_funcs", "register_reward", "REWARD_FUNCS", "answer_match", "think_format",
-        "length_penalty",
+        "length_penalty", "exact_match",
     ],
     "grpo.tools": [
         "tool_schema", "parse_tool_calls", "run_tool_calls", "detect_format", "ToolCall",
@@ -58,7 +57,7 @@ _EXPORTS = {
     "grpo.io.reward_model": ["RewardModel", "RewardModelReward", "load_reward_model"],
     "grpo.io.signals": ["TrainingInterrupted", "InterruptGuard"],
     "grpo.io.dist": ["init_distributed", "is_main_process", "main_only", "fail_fast"],
-    "grpo.tasks": ["make_dataset", "exact_match", "TASKS", "get_task"],
+    "grpo.tasks": ["make_dataset", "TASKS", "get_task"],
     "grpo.warmstart": ["warm_start", "WarmStartConfig"],
     "grpo.default_job": ["ensure_model"],
     "grpo.io.plot": ["plot_reward_curve"],

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from grpo.core.loss import LOSS_TYPES
+from grpo.core.loss import LOSS_TYPES, LossConfig
 from grpo.core.optim import lr_factor, optimizer_kind, parse_optim_args, warmup_steps_for
 from grpo.errors import ConfigError
 
@@ -690,8 +690,6 @@ class GRPOConfig:
     # -- conversions -----------------------------------------------------------------------
     def to_loss_config(self):
         """The :class:`grpo.core.loss.LossConfig` for these settings."""
-        from grpo.core.loss import LossConfig
-
         # Fields GRPOConfig lacks (head_chunk_elements, picked by the trainer) keep defaults.
         names = [f.name for f in attrs.fields(LossConfig) if hasattr(self, f.name)]
         return LossConfig(**{name: getattr(self, name) for name in names})
@@ -1071,7 +1069,11 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
 def _check_finite(cfg: GRPOConfig, errors: _Errors):
     # inf passes every ">= 0" check above (inf learning_rate, num_train_epochs=inf, ...)
     # but ruins the run; NaN fails them with a less direct message, so name both here.
+    # LossConfig says the same of its own fields.
+    owned_by_loss = {f.name for f in attrs.fields(LossConfig)}
     for field in attrs.fields(type(cfg)):
+        if field.name in owned_by_loss:
+            continue
         value = getattr(cfg, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             errors.check(False, f"{field.name} must be a finite number, got {field.name}={value!r}")

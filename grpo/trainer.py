@@ -41,7 +41,8 @@ from grpo.core.controllers import (
     update_entropy_coef,
     window_entropy,
 )
-from grpo.core.loss import completion_logprobs, grpo_loss
+from grpo.core.forward import completion_logprobs
+from grpo.core.loss import grpo_loss
 from grpo.core.memory import GIB, Fit, refusal
 from grpo.core.memory import choose as choose_fit
 from grpo.core.optim import decay_parameter_names, make_optimizer

@@ -23,8 +23,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
 from grpo.core import distributed as dist
-from grpo.core.loss import LOSSES
 from grpo.core.state import TrainState, float32_tree
+from grpo.core.surrogates import LOSSES
 
 # -- accumulation weights ----------------------------------------------------------------
 
