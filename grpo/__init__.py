@@ -30,7 +30,7 @@ _EXPORTS = {
         "reward_metrics",
     ],
     "grpo.core.state": ["TrainState", "init_state"],
-    "grpo.core.step": ["make_train_step", "bucket_length"],
+    "grpo.core.step": ["make_train_step", "make_grad_step", "apply_update", "bucket_length"],
     "grpo.core.optim": [
         "make_optimizer", "make_schedule", "build_optimizer", "decay_parameter_names",
         "lr_factor",

@@ -511,19 +511,15 @@ class GRPOTrainer:
         )
 
     def _build_step(self):
-        dropout = self.args.lora_dropout != 0
-        step = make_train_step(
+        # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
+        # state (the mlx-lm idiom); this keeps the masks fresh at every step.
+        return make_train_step(
             self._loss_fn,
             self.optimizer,
             **self.args.train_step_kwargs(),
             group=self.group,
-            compile=not dropout,
+            random_state=self.args.lora_dropout != 0,
         )
-        if not dropout:
-            return step
-        # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
-        # state (the mlx-lm idiom); this keeps the masks fresh at every step.
-        return mx.compile(step, inputs=[mx.random.state], outputs=[mx.random.state])
 
     # -- properties ------------------------------------------------------------------------
 
@@ -690,7 +686,9 @@ class GRPOTrainer:
             window = window._replace(entropy_coef=mx.full((K,), coef, mx.float32))
         state, metrics = self._train_step(self.train_state, window)
         metrics = D.reduce_metrics(metrics, group=self.group)
-        mx.eval(state, metrics)
+        # The loss and the gradients first: the update stays unevaluated until they are
+        # known to be finite, and is never computed when they are not.
+        mx.eval(metrics)
         values = {k: float(v.item()) for k, v in metrics.items()}
         step = self.global_step + 1
         for name in ("loss", "grad_norm"):
@@ -701,6 +699,10 @@ class GRPOTrainer:
                 )
         self.train_state = state
         self.model.update(state.params)  # the compiled step leaves placeholders in the model
+        del state
+        # Nothing outside the update's graph holds the old parameters and optimizer state
+        # now, so the update writes into their buffers.
+        mx.eval(self.train_state)
         self._after_step(values)
         return values
 
