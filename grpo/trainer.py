@@ -722,6 +722,7 @@ class GRPOTrainer:
                 batch.sampling_logprobs,
                 batch.completion_mask,
                 batch.sampler_ratio,
+                sequence=self.args.vllm_importance_sampling_mode.startswith("sequence"),
             )
             metrics.update({k: float(v.item()) for k, v in mismatch.items()})
         metrics = self._all_reduce(metrics)
