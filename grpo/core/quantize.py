@@ -94,8 +94,10 @@ def rollout_group_size(model: nn.Module, group_size: int | None) -> int:
 
     Raises:
         ValueError: naming ``rollout_quantization_group_size``, the layer whose input
-            size it does not divide, and the fix.
+            size it does not divide, and the fix (or, see :func:`check_float`, that the
+            model is already quantized).
     """
+    check_float(model)
     sizes = input_sizes(model)
     if not sizes:
         raise ValueError("rollout_quantization: the model has no Linear or Embedding layer")
