@@ -324,7 +324,9 @@ class GRPOConfig:
         - ``rollout_quantization`` / ``rollout_quantization_group_size`` (new): sample from a
           quantized copy of the policy; TRL's ``vllm_importance_sampling_*`` fields then
           correct the sampler/trainer mismatch exactly as they correct vLLM's (without
-          ``rollout_quantization`` the sampler is the policy and they have no effect).
+          ``rollout_quantization`` the sampler is the policy and they have no effect). It
+          pays off with Metal's quantized kernels; on the CPU backend it is slower than
+          float (docs/benchmarks.md).
         - vLLM, DeepSpeed/FSDP, CUDA and hub fields are accepted without effect and named in
           one warning at construction (docs/porting-from-trl.md lists every field).
     """
