@@ -501,6 +501,8 @@ class GRPOTrainer:
             bits=self.args.rollout_quantization,
             group_size=self.rollout_group_size,
         )
+        # The copy holds the new weights from now on, so the previous ones can be freed.
+        self.rollout_model.update(params)
         return params, self.rollout_model
 
     def _make_advantages(self, group_size: int):

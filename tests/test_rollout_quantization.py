@@ -251,3 +251,32 @@ def test_cap_is_trls_deprecated_alias_of_clip_max():
     with pytest.warns(FutureWarning, match="vllm_importance_sampling_clip_max"):
         cfg = GRPOConfig(vllm_importance_sampling_cap=2.5)
     assert cfg.vllm_importance_sampling_clip_max == 2.5
+
+
+def test_tool_loop_samples_from_the_quantized_copy(tmp_path):
+    from chat_tokenizers import build_chat_model
+    from test_tools import multiply
+
+    path = build_chat_model(tmp_path / "qwen", "qwen2_5")
+    args = tiny_args(
+        tmp_path / "out", rollout_quantization=8, num_generations=2,
+        per_device_train_batch_size=2, max_completion_length=8, max_prompt_length=None,
+    )  # fmt: skip
+    data = [{"prompt": [{"role": "user", "content": "hi"}]}] * 4
+
+    def reply_length(completions, **kwargs):
+        return [float(len(c[-1]["content"])) for c in completions]
+
+    trainer = GRPOTrainer(str(path), reply_length, args=args, train_dataset=data, tools=[multiply])
+    used = []
+    run = trainer._tool_loop.run
+
+    def spy(params, key, prompts, tools, *, model, sampling):
+        used.append(model)
+        return run(params, key, prompts, tools, model=model, sampling=sampling)
+
+    trainer._tool_loop.run = spy
+    gen = trainer._generate(mx.random.key(0))
+    assert used == [trainer.rollout_model]
+    assert gen.windows[0].sampler_ratio is not None
+    assert all(name in gen.metrics for name in MISMATCH_METRICS)

@@ -62,11 +62,8 @@ def _merged(layer: nn.Module) -> nn.Module:
 
 def check_float(model: nn.Module) -> None:
     """Raise ``ValueError`` if ``model`` holds quantized layers (a QLoRA base)."""
-    quantized = [
-        path
-        for path, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    ]
+    # mlx's quantized layers (Linear, Embedding, mlx-lm's SwitchLinear) all hold scales.
+    quantized = [path for path, m in model.named_modules() if "scales" in m and "weight" in m]
     if quantized:
         raise ValueError(
             f"rollout_quantization needs a float policy, but layers such as {quantized[0]!r} "
