@@ -3,13 +3,16 @@
 One *generation batch* (``GRPOConfig.resolved_generation_batch_size`` rows) goes through
 
 1. sample ``B`` prompts (:class:`grpo.io.data.PromptSampler`), render and tokenise them;
-2. roll out ``G`` completions per prompt (:func:`grpo.core.rollout.rollout`); the sampled
-   token ids are kept as they are (never re-encoded from text);
+2. roll out ``G`` completions per prompt (:func:`grpo.core.rollout.rollout`), from the
+   policy or, with ``rollout_quantization``, from its quantized copy
+   (:mod:`grpo.core.quantize`); the sampled token ids are kept as they are (never
+   re-encoded from text);
 3. decode, score every reward function, compute group-relative advantages;
 4. pad to length buckets, pack ``prompt ++ completion``; reference log-probs once per
    generation batch (``beta > 0``), old log-probs once when the policy moves before the
    batch is used up (the rollout's own sampling log-probs when sampling is
-   temperature-only);
+   temperature-only), always from the float policy with ``rollout_quantization``, whose
+   mismatch TRL's importance weight then corrects (:func:`grpo.core.pipeline.correct_sampler`);
 5. ``num_iterations`` passes over ``steps_per_generation`` micro-batches, every
    ``gradient_accumulation_steps`` of them one compiled optimizer step.
 
