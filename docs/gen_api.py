@@ -28,6 +28,7 @@ MODULES = [
     ("grpo.core.sampling", "Sampling"),
     ("grpo.core.rollout", "Rollout"),
     ("grpo.core.importance", "Sampler mismatch correction (TRL vLLM IS)"),
+    ("grpo.core.quantize", "Quantized rollout copy (rollout_quantization)"),
     ("grpo.core.continuous", "Continuous batching"),
     ("grpo.core.multiturn", "Multi-turn rollout"),
     ("grpo.core.score", "Scoring"),

@@ -89,7 +89,6 @@ def _script_field(default: Any) -> Any:
 
 
 _VLLM = "vLLM is CUDA-only; mlx-grpo generates with its own mlx-lm rollout"
-_VLLM_IS = "it corrects vLLM's sampling mismatch; mlx-grpo samples from the policy itself"
 _GENERATE = "a transformers generate() option; mlx-grpo's rollout always batches and caches"
 _DIST = (
     "a PyTorch distributed (accelerate, DDP, FSDP, DeepSpeed) option; mlx-grpo scales out "
@@ -152,6 +151,13 @@ _HELP: dict[str, str] = {
     "repetition_penalty": "CTRL repetition penalty over prompt and completion (1.0 = off).",
     "max_tool_calling_iterations": "Most rounds of tool calls per completion (`None`: until the budget is spent).",
     "tool_call_format": "Tool-call format: hermes, llama3 or mistral (`None`: detected from the chat template).",
+    "rollout_quantization": "Sample rollouts from a copy of the policy quantized to 8 or 4 bits (mlx affine), LoRA merged first and re-quantized from the current weights before every rollout; old log-probs and the loss stay float and the mismatch is corrected by the `vllm_importance_sampling_*` fields (`None`: sample from the policy itself).",
+    "rollout_quantization_group_size": "Group size of that quantization: 32, 64 or 128, dividing every layer's input size (`None`: 64, else 32).",
+    "vllm_importance_sampling_correction": "With `rollout_quantization`, multiply the loss by TRL's importance weight pi_old / pi_sampler (off: no correction). Without it the sampler is the policy: no mismatch, no effect.",
+    "vllm_importance_sampling_mode": "How that weight is formed: token_truncate, token_mask, sequence_truncate or sequence_mask (TRL's modes; only with `rollout_quantization`).",
+    "vllm_importance_sampling_clip_max": "Upper bound C_max of that weight: clipped there (`*_truncate`) or zeroed above it (`*_mask`); `None`: no bound. Only with `rollout_quantization`.",
+    "vllm_importance_sampling_clip_min": "Lower bound C_min of that weight: clipped there (`*_truncate`) or zeroed below it (`*_mask`); `None`: no bound. Only with `rollout_quantization`.",
+    "vllm_importance_sampling_cap": "Deprecated in TRL (FutureWarning): sets `vllm_importance_sampling_clip_max`.",
     "beta": "KL coefficient against the reference model (0 = no reference, no KL term).",
     "num_iterations": "Passes over each generation batch (`mu` in the GRPO paper).",
     "epsilon": "Lower clip of the importance ratio, `1 - epsilon`.",
@@ -315,6 +321,12 @@ class GRPOConfig:
         - ``router_aux_loss_coef`` (TRL 1.16: ``None``, the model config's value): ``None`` or
           0 only, since no mlx-lm model returns its router logits; a nonzero value is refused
           naming the model type.
+        - ``rollout_quantization`` / ``rollout_quantization_group_size`` (new): sample from a
+          quantized copy of the policy; TRL's ``vllm_importance_sampling_*`` fields then
+          correct the sampler/trainer mismatch exactly as they correct vLLM's (without
+          ``rollout_quantization`` the sampler is the policy and they have no effect). It
+          pays off with Metal's quantized kernels; on the CPU backend it is slower than
+          float (docs/benchmarks.md).
         - vLLM, DeepSpeed/FSDP, CUDA and hub fields are accepted without effect and named in
           one warning at construction (docs/porting-from-trl.md lists every field).
     """
@@ -357,6 +369,17 @@ class GRPOConfig:
     repetition_penalty: float = 1.0
     max_tool_calling_iterations: int | None = None
     tool_call_format: str | None = None
+    # Sample from a quantized copy of the policy (grpo.core.quantize); the loss corrects the
+    # mismatch with TRL's vLLM importance weights below.
+    rollout_quantization: int | None = None
+    rollout_quantization_group_size: int | None = None
+
+    # -- sampler/trainer mismatch: TRL's vLLM correction, applied to the quantized sampler --
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_cap: float | None = None
 
     # -- loss ----------------------------------------------------------------------------
     beta: float = 0.0
@@ -461,11 +484,6 @@ class GRPOConfig:
     vllm_gpu_memory_utilization: float = _ignored(0.3, _VLLM)
     vllm_max_model_length: int | None = _ignored(None, _VLLM)
     vllm_tensor_parallel_size: int = _ignored(1, _VLLM)
-    vllm_importance_sampling_correction: bool = _ignored(True, _VLLM_IS)
-    vllm_importance_sampling_mode: str = _ignored("sequence_mask", _VLLM_IS)
-    vllm_importance_sampling_clip_max: float | None = _ignored(3.0, _VLLM_IS)
-    vllm_importance_sampling_clip_min: float | None = _ignored(None, _VLLM_IS)
-    vllm_importance_sampling_cap: float | None = _ignored(None, _VLLM_IS)
     use_transformers_continuous_batching: bool = _ignored(False, _GENERATE)
     transformers_continuous_batching_config: dict | None = _ignored(None, _GENERATE)
     use_transformers_paged: bool = _ignored(False, _GENERATE)
@@ -591,10 +609,11 @@ class GRPOConfig:
     push_to_hub_token: str | None = _ignored(None, _HUB)
 
     def __attrs_post_init__(self):
+        _cap_alias(self)
         errors = _Errors()
         for check in (
             _check_batches, _check_generation, _check_loss, _check_optim, _check_flow,
-            _check_kwargs_fields, _check_controllers, _check_misc,
+            _check_kwargs_fields, _check_controllers, _check_misc, _check_rollout_quantization,
         ):  # fmt: skip
             check(self, errors)
         _check_finite(self, errors)
@@ -1089,4 +1108,61 @@ def _check_reliability(cfg: GRPOConfig, errors: _Errors):
     errors.check(
         isinstance(cfg.overwrite_output_dir, bool),
         f"overwrite_output_dir must be true or false, got {cfg.overwrite_output_dir!r}",
+    )
+
+
+def _cap_alias(cfg: GRPOConfig) -> None:
+    # TRL 1.16 keeps the old name as a deprecated alias that overrides clip_max.
+    if cfg.vllm_importance_sampling_cap is None:
+        return
+    warnings.warn(
+        "The `vllm_importance_sampling_cap` argument is deprecated and will be removed in "
+        "v2.0.0. Use `vllm_importance_sampling_clip_max` instead.",
+        FutureWarning,
+        stacklevel=4,
+    )
+    object.__setattr__(cfg, "vllm_importance_sampling_clip_max", cfg.vllm_importance_sampling_cap)
+
+
+def _check_rollout_quantization(cfg: GRPOConfig, errors: _Errors):
+    from grpo.core.importance import IS_MODES
+    from grpo.core.quantize import GROUP_SIZES, ROLLOUT_BITS
+
+    bits, group = cfg.rollout_quantization, cfg.rollout_quantization_group_size
+    errors.check(
+        bits is None or bits in ROLLOUT_BITS,
+        f"rollout_quantization must be one of {list(ROLLOUT_BITS)} or None, got "
+        f"rollout_quantization={bits!r}",
+    )
+    errors.check(
+        group is None or group in GROUP_SIZES,
+        f"rollout_quantization_group_size must be one of {list(GROUP_SIZES)} or None, got "
+        f"rollout_quantization_group_size={group!r}",
+    )
+    errors.check(
+        bits is None or cfg.quantize_bits is None,
+        f"rollout_quantization={bits} with quantize_bits={cfg.quantize_bits}: the QLoRA base "
+        "is already quantized, so its rollout already runs on quantized weights; unset one",
+    )
+    mode = cfg.vllm_importance_sampling_mode
+    _one_of(errors, cfg, "vllm_importance_sampling_mode", IS_MODES)
+    lo, hi = cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max
+    errors.check(
+        lo is None or hi is None or lo < hi,
+        f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+        f"vllm_importance_sampling_clip_max ({hi}).",
+    )
+    errors.check(
+        not (cfg.vllm_importance_sampling_correction and str(mode).endswith("truncate"))
+        or lo is not None
+        or hi is not None,
+        "At least one of `vllm_importance_sampling_clip_min` or "
+        "`vllm_importance_sampling_clip_max` must be set when `vllm_importance_sampling_mode` "
+        "is a `*_truncate` mode.",
+    )
+    errors.check(
+        not (bits and cfg.vllm_importance_sampling_correction and cfg.loss_type == "vespo")
+        or mode in ("token_truncate", "token_mask"),
+        "VESPO loss requires `vllm_importance_sampling_mode` to be either 'token_truncate' or "
+        f"'token_mask'. Got: {mode}.",
     )

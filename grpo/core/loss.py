@@ -217,6 +217,15 @@ def _check_shapes(logprobs, advantages, mask, optional: dict) -> None:
             )
 
 
+def _check_sampler_ratio(logprobs, ratio) -> None:
+    N, T = logprobs.shape
+    if ratio is not None and tuple(ratio.shape) not in ((N, T), (N, 1)):
+        raise ValueError(
+            f"policy_loss: sampler_ratio must be [N, T]={(N, T)} or [N, 1]={(N, 1)}; got "
+            f"sampler_ratio.shape={tuple(ratio.shape)}"
+        )
+
+
 def _kl_term(cfg: LossConfig):
     if cfg.beta == 0:
         return None
@@ -279,11 +288,13 @@ def make_policy_loss(
 
     Returns:
         ``loss_fn(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None,
-        entropies=None, num_items_in_batch=None, entropy_coef=None) -> (loss, metrics)``;
-        see :func:`policy_loss` for the arguments.
+        entropies=None, num_items_in_batch=None, entropy_coef=None, sampling_logprobs=None,
+        sampler_ratio=None) -> (loss, metrics)``; see :func:`policy_loss` for the arguments.
     """
     log_weights = LOG_WEIGHTS[cfg.importance_sampling_level]
     row = LOSSES[cfg.loss_type]
+    # VESPO folds the sampler correction into its Gamma weight; other losses multiply by it.
+    weigh_by_sampler = surrogate is not None or cfg.loss_type != "vespo"
     surrogate = surrogate or row.surrogate(cfg)
     reduce = reduction or row.reduction(cfg)
     kl_term = _kl_term(cfg)
@@ -300,18 +311,28 @@ def make_policy_loss(
         entropies=None,
         num_items_in_batch=None,
         entropy_coef=None,
+        sampling_logprobs=None,
+        sampler_ratio=None,
     ):
         optional = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, entropies=entropies)
-        _check_shapes(logprobs, advantages, mask, optional)
+        _check_shapes(
+            logprobs, advantages, mask, {**optional, "sampling_logprobs": sampling_logprobs}
+        )
+        _check_sampler_ratio(logprobs, sampler_ratio)
         t, old = _terms(logprobs, advantages, mask, old_logprobs, log_weights)
+        t = t._replace(sampler_ratio=sampler_ratio)
         per_token, metrics = surrogate(t)
         if off_policy is not None:
-            per_token = per_token * off_policy(t, old)
+            # TRL's mask reads the sampler's own log-probs when another engine sampled.
+            seen = old if sampling_logprobs is None else sampling_logprobs.astype(mx.float32)
+            per_token = per_token * off_policy(t, seen)
         # The entropy bonus acts on the same tokens as the policy term (TRL's effective_mask).
         bonus_mask = t.mask
         if top_entropy is not None:
             bonus_mask = t.mask * top_entropy(entropies, t.mask)
             per_token = per_token * bonus_mask
+        if sampler_ratio is not None and weigh_by_sampler:
+            per_token = per_token * sampler_ratio
         per_token = mx.broadcast_to(per_token, t.mask.shape)
         if kl_term is not None:
             kl = kl_term(t, ref_logprobs)
@@ -345,14 +366,17 @@ def policy_loss(
     entropies: mx.array | None = None,
     num_items_in_batch: mx.array | float | None = None,
     entropy_coef: mx.array | float | None = None,
+    sampling_logprobs: mx.array | None = None,
+    sampler_ratio: mx.array | None = None,
     cfg: LossConfig,
 ) -> tuple[mx.array, Metrics]:
     """GRPO-family policy loss of TRL 1.16 (DeepSeekMath eq. 3 and its descendants).
 
-    .. math:: \\mathcal{L} = \\operatorname{reduce}\\big[m \\cdot (M\\,\\ell(r, A)
+    .. math:: \\mathcal{L} = \\operatorname{reduce}\\big[m \\cdot (M\\,\\rho\\,\\ell(r, A)
               + \\beta\\,\\mathrm{KL}_{k3})\\big] - c_H \\bar H
 
-    where ``M`` is the product of the off-policy and high-entropy masks when enabled.
+    where ``M`` is the product of the off-policy and high-entropy masks when enabled and
+    ``rho`` the sampler correction (``sampler_ratio``, 1 when absent).
 
     Args:
         logprobs: ``[N, T]`` current per-token log-probs (the differentiable input).
@@ -369,6 +393,11 @@ def policy_loss(
             per optimizer step should pass the count divided by ``k``.
         entropy_coef: run-time override of ``cfg.entropy_coef`` (for an adaptive
             controller); passing it enables the bonus even when ``cfg.entropy_coef == 0``.
+        sampling_logprobs: ``[N, T]`` log-probs of a sampler other than the policy (a
+            quantized copy); the off-policy mask reads them instead of ``old_logprobs``.
+        sampler_ratio: ``[N, T]`` or ``[N, 1]`` TRL's sampler-mismatch weight
+            (:func:`grpo.core.importance.sampler_correction`); the per-token loss is
+            multiplied by it (VESPO adds its log to the Gamma weight's ``log w`` instead).
         cfg: the :class:`LossConfig`.
 
     Returns:
@@ -386,6 +415,8 @@ def policy_loss(
         entropies=entropies,
         num_items_in_batch=num_items_in_batch,
         entropy_coef=entropy_coef,
+        sampling_logprobs=sampling_logprobs,
+        sampler_ratio=sampler_ratio,
     )
 
 
@@ -460,4 +491,6 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
         entropies=entropies,
         num_items_in_batch=batch.num_items_in_batch,
         entropy_coef=batch.entropy_coef,
+        sampling_logprobs=batch.sampling_logprobs,
+        sampler_ratio=batch.sampler_ratio,
     )

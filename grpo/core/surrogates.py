@@ -85,6 +85,7 @@ class Terms(NamedTuple):
     ratio: mx.array  # [N, T] (token level) or [N, 1] (sequence level)
     advantages: mx.array  # [N, 1]
     mask: mx.array  # [N, T] 1.0 on active completion tokens
+    sampler_ratio: mx.array | None = None  # [N, T] or [N, 1] pi_old / pi_samp (VESPO reads it)
 
 
 def clipped_surrogate(
@@ -146,22 +147,28 @@ def gamma_weights(
     lambda_pos: float,
     k_neg: float,
     lambda_neg: float,
+    sampler_ratio: mx.array | None = None,
 ) -> mx.array:
     """VESPO's detached Gamma weight of the sequence ratio, normalised so phi(1) = 1.
 
     .. math:: \\phi(w) = e^{\\lambda} w^{k} e^{-\\lambda w}, \\quad
               \\log w_i = \\sum_t m_{i,t}\\operatorname{clip}(\\log r_{i,t}, -20, 20)
+              \\;[+ \\textstyle\\sum_t \\operatorname{clip}(\\log\\rho_{i,t}, \\log 10^{-8}, 20)]
 
     Args:
         advantages: ``[N, 1]``; ``k``/``lambda`` use the ``pos`` pair where ``A >= 0``.
         log_ratio: ``[N, T]`` token log-ratios.
         mask: ``[N, T]``.
+        sampler_ratio: ``[N, T]`` the sampler correction ``rho`` (token modes), folded into
+            ``w`` in log space as TRL does (summed over every column, as TRL does).
 
     Returns:
         ``[N, 1]`` weights, without gradient.
     """
     log_ratio = mx.stop_gradient(log_ratio)
     seq = masked_sum(mx.clip(log_ratio, -20.0, 20.0), mask, axis=-1, keepdims=True)
+    if sampler_ratio is not None:
+        seq = seq + mx.clip(mx.log(sampler_ratio), _LOG_1E_8, 20.0).sum(axis=-1, keepdims=True)
     log_w = mx.clip(seq, _LOG_1E_8, 20.0)
     nonneg = advantages >= 0
     k = mx.where(nonneg, k_pos, k_neg)
@@ -280,6 +287,7 @@ def _vespo(cfg: LossConfig) -> Surrogate:
             lambda_pos=cfg.vespo_lambda_pos,
             k_neg=cfg.vespo_k_neg,
             lambda_neg=cfg.vespo_lambda_neg,
+            sampler_ratio=t.sampler_ratio,
         )
         return vespo_surrogate(phi, t.advantages, t.logprobs), {"vespo/phi_seq_mean": phi.mean()}
 

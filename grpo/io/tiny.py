@@ -27,11 +27,12 @@ CHAT_TEMPLATE = (
 )
 
 # name -> (hidden, layers, heads, kv_heads, intermediate, vocab); parameter counts with
-# tied embeddings: test ~0.37M, tiny ~3.2M, small ~28M.
+# tied embeddings: test ~0.37M, tiny ~3.2M, small ~28M, medium ~168M (benchmarks only).
 SIZES = {
     "test": (128, 2, 4, 2, 352, 128),
     "tiny": (256, 4, 8, 4, 704, 1024),
     "small": (512, 8, 8, 4, 1408, 8192),
+    "medium": (1024, 12, 16, 4, 2816, 32000),
 }
 
 
