@@ -365,7 +365,13 @@ def main(argv=None):
     from grpo.io.tiny import build_tiny_model
 
     model_dir = args.model_dir or str(
-        build_tiny_model(Path(tempfile.mkdtemp()) / "m", size=args.size, vocab_size=args.vocab)
+        build_tiny_model(
+            Path(tempfile.mkdtemp()) / "m",
+            size=args.size,
+            vocab_size=args.vocab,
+            # Room for the longest completions after the 32-token prompt.
+            max_position_embeddings=max(4096, 2 * max(args.tokens)),
+        )
     )
     rows = []
     for T in args.tokens:
