@@ -283,7 +283,7 @@ def _num(x) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| T | mode | ckpt | engine | step peak MiB (mx) | peak RSS MiB | weights MiB | "
-            "grpo / engine (mx peak) | grpo / engine (RSS) | s/step |\n"
+            "grpo (ckpt) / engine (mx peak) | grpo (ckpt) / engine (RSS) | s/step |\n"
             "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     out = [head]
     for r in rows:
@@ -291,9 +291,11 @@ def markdown(rows: list[dict]) -> str:
             out.append(f"| {r['T']} | {r['mode']} | {'on' if r['gc'] else 'off'} | {r['engine']} "
                        f"| error: {r['error'][:80]} | | | | | |")  # fmt: skip
             continue
-        ref = next((x for x in rows if x.get("engine") == "grpo" and x["T"] == r["T"]
-                    and x["mode"] == r["mode"] and x["gc"] == r["gc"] and "error" not in x),
-                   None)  # fmt: skip
+        # Ratios against grpo at its default geometry (8 rows per micro-batch) for this
+        # (T, mode): with gradient checkpointing (GRPOConfig's default, as TRL's) if run.
+        grpo = [x for x in rows if x.get("engine") == "grpo" and x["T"] == r["T"]
+                and x["mode"] == r["mode"] and "error" not in x]  # fmt: skip
+        ref = max(grpo, key=lambda x: x["gc"], default=None)
         other = ref and r is not ref
         mx_peak = r.get("peak_mib")
         ratio = f"{ref['peak_mib'] / mx_peak:.2f}x" if other and mx_peak else ""
@@ -315,20 +317,24 @@ def plot(rows: list[dict], path: str) -> None:
 
     # Top: MLX's own peak counter (MLX engines); bottom: peak RSS (every engine, TRL too).
     keys = (("peak_mib", "step peak (GiB, mx.get_peak_memory)"), ("rss_mib", "peak RSS (GiB)"))
+    series = sorted({(r["engine"], r["gc"]) for r in rows})
+    colors = {s: f"C{i}" for i, s in enumerate(series)}  # one colour per series everywhere
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for row, (key, label) in zip(axes, keys, strict=True):
+    for row, (key, ylabel) in zip(axes, keys, strict=True):
         for ax, mode in zip(row, ("lora", "full"), strict=True):
-            for engine in sorted({r["engine"] for r in rows}):
+            for engine, gc in series:
                 pts = sorted((r["T"], r[key] / 1024) for r in rows if r["engine"] == engine
-                             and r["mode"] == mode and "error" not in r and not r["gc"]
+                             and r["gc"] == gc and r["mode"] == mode and "error" not in r
                              and r.get(key))  # fmt: skip
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=engine)
+                    name = f"{engine} (ckpt)" if gc else engine
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=name,
+                            color=colors[engine, gc])  # fmt: skip
             ax.set_title(f"{mode}, V = 151,936, G = 8")
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        row[0].set_ylabel(label)
+        row[0].set_ylabel(ylabel)
     for ax in axes[1]:
         ax.set_xlabel("completion tokens T")
     fig.tight_layout()
@@ -355,7 +361,17 @@ def main(argv=None):
                     help="measure the first step only (cheaper; its peak bounds the steady one)")  # fmt: skip
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no runs: print the table (and --plot) of earlier --json files")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())]
+        rows = [r for r in rows if r["engine"] != "grpo-rollout"]
+        rows.sort(key=lambda r: (r["T"], r["mode"] != "lora", r["engine"], r["gc"]))
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return
     if args.one_step:
         os.environ["GRPO_BENCH_ONE_STEP"] = "1"  # the children read it
     if args.child:
