@@ -1,6 +1,6 @@
 """Trunk forward / forward+backward time, softmax normalised before vs after ``p @ v``.
 
-    /work/venv/bin/python bench/attention_ab.py [--rounds 2]
+    .venv/bin/python bench/attention_ab.py [--rounds 2]
 
 Seeded ``tiny`` model with grpo's CPU kernels; arms interleaved per shape: ``pre`` divides
 every score by the row sum and then multiplies by ``v`` (what ``attention`` did first),

@@ -1,6 +1,6 @@
 """Where rollout time goes: prefill vs per-step decode, for grpo's layouts and for mlx-lm.
 
-    /work/venv/bin/python bench/decode_step.py [--sizes tiny small] [--repeats 4]
+    .venv/bin/python bench/decode_step.py [--sizes tiny small] [--repeats 4]
 
 One prompt of 128 tokens, G = 8 rows, 64 tokens, temperature 1 (B = 1 of bench/rollout.py).
 Arms, each on a freshly loaded model (so each traces its own compiled step):

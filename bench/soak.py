@@ -11,8 +11,8 @@ runs) for ``--steps`` optimizer steps, and records from an ``on_step_end`` callb
   ``entropy`` or ``learning_rate`` is ever NaN/inf, and lists any other metric that was
   (some, like ``reward_std`` of a single value, are NaN by TRL's definition).
 
-    /work/venv/bin/python bench/soak.py                 # 1000 steps
-    /work/venv/bin/python bench/soak.py --steps 200 --markdown docs/benchmarks.md
+    .venv/bin/python bench/soak.py                 # 1000 steps
+    .venv/bin/python bench/soak.py --steps 200 --markdown docs/benchmarks.md
 
 Warm start is skipped by default (``--warm-start-steps 0``): memory behaviour does not
 depend on the weights, and the seeded model already gives non-uniform rewards often enough.

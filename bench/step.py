@@ -22,9 +22,9 @@ compilation), completion tokens/s, peak memory (``mx.get_peak_memory``) over the
 steps, active memory after each step, and how many times the compiled train step and
 log-prob function were traced (``compiles``; 1 each means no recompiles).
 
-    /work/venv/bin/python bench/step.py                          # full grid
-    /work/venv/bin/python bench/step.py --sizes tiny --tokens 64 --modes lora --steps 5
-    /work/venv/bin/python bench/step.py ... --json out.json --markdown docs/benchmarks.md
+    .venv/bin/python bench/step.py                          # full grid
+    .venv/bin/python bench/step.py --sizes tiny --tokens 64 --modes lora --steps 5
+    .venv/bin/python bench/step.py ... --json out.json --markdown docs/benchmarks.md
 
 The machine has 2 cores shared with other jobs: ``uptime`` load is recorded before and after
 every cell.
