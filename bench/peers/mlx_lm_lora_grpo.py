@@ -1,6 +1,6 @@
 """mlx-lm-lora's GRPO trainer (``train_grpo``) on a seeded model directory; prints one JSON line.
 
-    /work/venv/bin/python bench/peers/mlx_lm_lora_grpo.py MODEL_DIR --steps 5 --warmup 2 [--lora]
+    .venv/bin/python bench/peers/mlx_lm_lora_grpo.py MODEL_DIR --steps 5 --warmup 2 [--lora]
 
 OpenBLAS is loaded with ``RTLD_GLOBAL`` before ``mlx.core`` (``import grpo`` does exactly
 that and nothing else of grpo is used), so mlx-lm-lora runs on the same fast BLAS as grpo;

@@ -1,7 +1,7 @@
 """Side-by-side GRPO step time: grpo vs mlx-lm-lora vs TRL, same seeded model, same run.
 
-    /work/venv/bin/python bench/peers/run.py --sizes tiny small --modes full lora \
-        --trl-python /work/venv-trl/bin/python --steps 5 --warmup 2 \
+    .venv/bin/python bench/peers/run.py --sizes tiny small --modes full lora \
+        --trl-python .venv-trl/bin/python --steps 5 --warmup 2 \
         [--json out.json] [--markdown docs/benchmarks.md]
 
 For each model size one seeded directory is built (``build_tiny_model(seed=0)``: a Llama
@@ -144,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument(
-        "--trl-python", default=os.environ.get("GRPO_TRL_PYTHON", "/work/venv-trl/bin/python")
+        "--trl-python", default=os.environ.get("GRPO_TRL_PYTHON", ".venv-trl/bin/python")
     )
     ap.add_argument(
         "--trl-extra-threads",
