@@ -170,3 +170,48 @@ def test_loss_memory_does_not_grow_like_n_t_v(vocab_dirs, peak_extra_bytes):
         vocab_dirs[small], peak_extra_bytes, chunk=1 << 40
     )
     assert whole > one_ntv > bound, (whole, one_ntv)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_linear_head_backward_equals_the_generic_one(with_entropy):
+    """The ``addmm`` weight-gradient path of a linear head gives the generic vjp's
+    gradients (and the same values), over several chunks."""
+    N, T, D, V = 3, 5, 16, 40
+    rng = np.random.default_rng(0)
+    h = mx.array(rng.standard_normal((N, T, D)).astype(np.float32))
+    W = mx.array(0.3 * rng.standard_normal((V, D)).astype(np.float32))
+    y = mx.array(rng.integers(0, V, (N, T)), dtype=mx.int32)
+
+    def head_fn(ps, x):
+        return x @ ps[0].T
+
+    def f(linear):
+        def loss(h, W):
+            out = head_logprobs(head_fn, h, y, [W], temperature=0.7, with_entropy=with_entropy,
+                                chunk_rows=4, linear=linear)  # fmt: skip
+            out = out if isinstance(out, tuple) else (out,)
+            return sum((o * (i + 1.5)).sum() for i, o in enumerate(out))
+
+        return mx.value_and_grad(loss, argnums=(0, 1))(h, W)
+
+    (v1, (dh1, dW1)), (v0, (dh0, dW0)) = f(True), f(False)
+    np.testing.assert_allclose(np.array(v1), np.array(v0), rtol=1e-6)
+    np.testing.assert_allclose(np.array(dh1), np.array(dh0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(dW1), np.array(dW0), rtol=1e-5, atol=1e-6)
+    assert float(mx.abs(dW0).sum()) > 0
+
+
+def test_check_linear_head(tiny_model_dir):
+    from grpo.core.lm import check_linear_head
+    from grpo.io.model import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    assert check_linear_head(model)  # tied embeddings: h @ E.T
+
+    # A head that scales its logits is not h @ W.T (the instance attribute shadows the
+    # class's method, in the model's forward and in the head alike).
+    model, _ = load_model(str(tiny_model_dir))
+    emb = model.model.embed_tokens
+    as_linear = emb.as_linear
+    object.__setattr__(emb, "as_linear", lambda x: as_linear(x) * 0.5)
+    assert not check_linear_head(model)

@@ -20,6 +20,7 @@ from grpo.core.lm import (
     completion_logits,
     head,
     head_parameters,
+    linear_head,
     make_head_fn,
     split_ok,
     trunk,
@@ -85,6 +86,7 @@ def completion_logprobs(
     hidden = _completion_hidden(model, batch, pos, prompt_share)
     weights = head_parameters(model, hidden)
     V = _vocab_size(model, hidden)
+    linear = len(weights) == 1 and tuple(weights[0][1].shape) == (V, hidden.shape[-1])
     return head_logprobs(
         make_head_fn(model, [p for p, _ in weights]),
         hidden,
@@ -93,6 +95,7 @@ def completion_logprobs(
         temperature=temperature,
         with_entropy=with_entropy,
         chunk_rows=head_chunk_rows(V, max_chunk_elements),
+        linear=linear and linear_head(model),
     )
 
 

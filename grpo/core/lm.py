@@ -180,6 +180,38 @@ def _record(model, ok: bool) -> None:
     _VERDICT[id(model)] = ok
 
 
+_LINEAR: dict[int, bool] = {}
+
+
+def check_linear_head(model, *, atol: float = CHECK_ATOL) -> bool:
+    """True when the head is ``h @ W.T`` for its one weight ``W`` ``[V, D]`` (an untied
+    ``lm_head`` without bias, or tied embeddings, and no logit scale or soft cap).
+
+    Evaluates eagerly on random hidden states and records the verdict for
+    :func:`linear_head`; a head that is anything else (or cannot run) gives False.
+    """
+    ok = False
+    if split_ok(model):
+        D = trunk(model)(mx.array([[1]], dtype=mx.int32)).shape[-1]
+        probe = mx.random.normal((1, 4, D), key=mx.random.key(0))
+        weights = head_parameters(model, probe)
+        if len(weights) == 1 and weights[0][1].ndim == 2:
+            W = weights[0][1]
+            got = head(model, probe.astype(W.dtype)).astype(mx.float32)[0]
+            want = probe[0].astype(W.dtype).astype(mx.float32) @ W.astype(mx.float32).T
+            ok = tuple(got.shape) == tuple(want.shape)
+            ok = ok and bool(mx.allclose(got, want, atol=atol, rtol=1e-4))
+    if id(model) not in _LINEAR:
+        weakref.finalize(model, _LINEAR.pop, id(model), None)
+    _LINEAR[id(model)] = ok
+    return ok
+
+
+def linear_head(model) -> bool:
+    """The recorded :func:`check_linear_head` verdict; checks now if none (eagerly)."""
+    return cached_verdict(_LINEAR, model, check_linear_head)
+
+
 def split_ok(model) -> bool:
     """The recorded :func:`check_split` verdict; checks now if there is none (eagerly).
 

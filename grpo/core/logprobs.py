@@ -228,6 +228,7 @@ def head_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_rows: int,
+    linear: bool = False,
 ):
     """Log-probs (and entropies) of ``tokens`` under ``head_fn``'s logits, a chunk at a time.
 
@@ -247,6 +248,10 @@ def head_logprobs(
         temperature: ``tau > 0``.
         with_entropy: also return per-token entropies (differentiable).
         chunk_rows: positions per chunk (:func:`head_chunk_rows`).
+        linear: ``head_fn(params, h)`` is ``h @ params[0].T`` (checked by the caller, e.g.
+            :func:`grpo.core.lm.check_linear_head`): the backward then adds each chunk's
+            weight gradient into the running sum inside one ``addmm``, so one ``[V, D]``
+            buffer is live instead of two, and no separate add pass runs per chunk.
 
     Returns:
         ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
@@ -290,6 +295,15 @@ def head_logprobs(
             cb = [c[r0:r1][None] for c in cots]
             ob = [o[r0:r1][None] for o in outs]
             g = _grad_chunk(logits, yb, cb, ob, temperature)[0]
+            if linear:
+                W = ps[0]
+                g2 = g.reshape(-1, W.shape[0]).astype(W.dtype)
+                dh_b = (g2 @ W).astype(hb.dtype)
+                dW = g2.T @ hb if dps is None else mx.addmm(dps[0], g2.T, hb)
+                dh.append(dh_b)
+                dps = [dW]
+                prev = [dh_b, dW]
+                continue
             _, grads = mx.vjp(lambda x, *w: logits_of(x, w), [hb, *ps], [g])
             dh.append(grads[0])
             dps = grads[1:] if dps is None else [a + b for a, b in zip(dps, grads[1:], strict=True)]

@@ -249,7 +249,7 @@ def check_supported(model: nn.Module, cfg: Any) -> None:
     shared (:func:`grpo.core.shared_prefix.check_prefix_sharing`); when they cannot, the
     model's own full forward / the packed rows are used, never an approximation.
     """
-    from grpo.core.lm import check_split
+    from grpo.core.lm import check_linear_head, check_split
     from grpo.core.shared_prefix import check_prefix_sharing
 
     name = model_type(model)
@@ -274,6 +274,7 @@ def check_supported(model: nn.Module, cfg: Any) -> None:
             f"[1, 3, V], got {got}"
         )
     check_split(model)
+    check_linear_head(model)
     check_prefix_sharing(model)
 
 
