@@ -250,8 +250,8 @@ def head_logprobs(
         chunk_rows: positions per chunk (:func:`head_chunk_rows`).
         linear: ``head_fn(params, h)`` is ``h @ params[0].T`` (checked by the caller, e.g.
             :func:`grpo.core.lm.check_linear_head`): the backward then adds each chunk's
-            weight gradient into the running sum inside one ``addmm``, so one ``[V, D]``
-            buffer is live instead of two, and no separate add pass runs per chunk.
+            weight gradient into the running sum inside one ``addmm`` (no separate add
+            pass over ``[V, D]`` per chunk).
 
     Returns:
         ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
