@@ -16,8 +16,8 @@ The step's cost follows the live work, not the worst case:
 - the KV buffers hold ``P + K`` columns, ``K`` the longest live row's length rounded up
   to ``KV_BUCKET`` (grown and trimmed at host checks), so attention reads what some live
   row needs rather than ``P + max_tokens`` columns for every slot;
-- once the queue is empty, the slots shrink to the next power of two above the live
-  rows (finished rows leave the batch), as :func:`grpo.core.rollout.rollout` compacts;
+- once the queue is empty, finished rows leave the batch: the slots shrink to the live
+  rows, rounded up to a power of two (up to ``WIDTH_STEP``) or a multiple of ``WIDTH_STEP``;
 - each slot writes its column in place (a scatter of one column per slot), and the
   slot's position, step index and uniforms live in the compiled step's state, so a step
   is one compiled call with no host arrays built per token.
@@ -97,6 +97,7 @@ class SlotState(NamedTuple):
     ended: mx.array  # [S] bool
 
 
+WIDTH_STEP = 8  # slot counts above this are multiples of it
 _STEPS: dict[int, dict] = {}  # id(model) -> {SamplingConfig: compiled slot step}
 TRACES = [0]
 
@@ -228,8 +229,12 @@ class _Slots:
         self.row, self.t = self.row[keep], self.t[keep]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def _width(n: int) -> int:
+    # Slot-count buckets: powers of two up to WIDTH_STEP, then multiples of it, so at most
+    # WIDTH_STEP - 1 slots idle once the batch is wide, with few distinct compiled shapes.
+    if n <= WIDTH_STEP:
+        return 1 << max(n - 1, 0).bit_length()
+    return _round_up(n, WIDTH_STEP)
 
 
 def _schedule(state, book, queue, prompt_of, q, P):
@@ -242,7 +247,7 @@ def _schedule(state, book, queue, prompt_of, q, P):
         book.row[at], book.t[at] = rows, 1
         return state
     busy = book.busy()
-    width = _next_pow2(len(busy))
+    width = _width(len(busy))
     if not queue and width < len(book.row):
         keep = np.concatenate([busy, free[: width - len(busy)]])
         state = _keep_slots(state, keep)
