@@ -44,6 +44,7 @@ from grpo.core.rollout import (
     _seen_tokens,
     compiled_per_model,
     end_flags,
+    uniforms,
 )
 from grpo.core.sampling import SamplingConfig, make_uniform_sample_fn
 
@@ -272,7 +273,7 @@ def decode_continuous(
     force &= bool(sampling.eos_ids)
     cache, logits = _prefill(model, prompts, lengths)
     P = cache[0].size()
-    U = 1.0 - mx.random.uniform(shape=(N, T), key=key)
+    U = uniforms(key, N, T)
     tok0, lp0, end0, seen0 = _first_tokens(logits, prompts, sampling, U)
     q = _Queued(
         prefix_keys=[c.keys[..., :P, :] for c in cache],
@@ -363,9 +364,10 @@ def rollout_continuous(
 
     Same contract and :class:`grpo.core.rollout.Rollout` as ``rollout``; needs a model
     that :func:`grpo.core.rollout.batches_rows`. For a given ``key`` every ``slots`` gives
-    the same completions (each row draws with its own uniforms), but not the same as
-    ``rollout``, whose draws are keyed per step over the whole batch. ``eos_at``
-    (``[B * G]`` ints, benchmarks) makes row ``r`` emit EOS as its token ``eos_at[r] - 1``.
+    the same completions as ``rollout`` (each row draws with its own uniforms,
+    :func:`grpo.core.rollout.uniforms`), up to float rounding of batched matmuls.
+    ``eos_at`` (``[B * G]`` ints, benchmarks) makes row ``r`` emit EOS as its token
+    ``eos_at[r] - 1``.
     """
     from grpo.core.rollout import _assemble, _check_prompts, batches_rows
 
