@@ -35,6 +35,7 @@ from grpo.config import GRPOConfig
 from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch
+from grpo.core.continuous import continuous_sampler
 from grpo.core.controllers import (
     applied_entropy_coef,
     sync_reference,
@@ -638,7 +639,9 @@ class GRPOTrainer:
                 out.columns,
             )
         else:
-            roll = rollout(
+            rows = len(prompts.prompt_ids) * self.sampling.group_size
+            sample = continuous_sampler(self.model, rows, slots=self.args.rollout_slots) or rollout
+            roll = sample(
                 self.train_state.params,
                 key,
                 prompts.prompt_ids,

@@ -116,3 +116,65 @@ def test_eos_at_ends_rows_at_pre_drawn_positions(model_tok, prompts):
     ids = np.array(full.completion_ids)
     assert all(ids[i, lengths[i] - 1] == 127 for i in range(12))
     np.testing.assert_array_equal(np.array(few.completion_ids), ids)
+
+
+def test_trainer_with_rollout_slots_equals_all_rows_at_once(tiny_model_dir, tmp_path, monkeypatch):
+    # 2 prompts x 4 completions per generation batch through 3 slots: rows are refilled, yet
+    # every step matches the run that decodes all 8 rows at once (same seed).
+    from helpers import PROMPTS, flat_numpy, tiny_args
+
+    from grpo.io.logging import read_metrics
+    from grpo.trainer import GRPOTrainer
+
+    def sevens(completions, **kwargs):
+        return [sum(ch == "7" for ch in text) / max(len(text), 1) for text in completions]
+
+    calls, shapes, real_step = [], set(), continuous._compiled_step
+
+    def spy_step(model, sampling):
+        step = real_step(model, sampling)
+
+        def run(params, state):
+            shapes.add((id(model), state.tokens.shape[0], state.keys[0].shape[2]))
+            return step(params, state)
+
+        return run
+
+    real = continuous.rollout_continuous
+    monkeypatch.setattr(continuous, "_compiled_step", spy_step)
+    monkeypatch.setattr(
+        continuous, "rollout_continuous", lambda *a, **k: calls.append(k["slots"]) or real(*a, **k)
+    )
+
+    def train(out, **kw):
+        args = tiny_args(out, max_steps=4, max_completion_length=12, temperature=1.0, **kw)
+        trainer = GRPOTrainer(str(tiny_model_dir), sevens, args=args, train_dataset=PROMPTS)
+        trainer.train()
+        return trainer, read_metrics(out / "metrics.jsonl")
+
+    off, off_logs = train(tmp_path / "off")
+    assert calls == []
+    traces = continuous.TRACES[0]
+    on, on_logs = train(tmp_path / "on", rollout_slots=3)
+    assert calls == [3] * 4
+    # One trace per distinct (slots, KV columns) shape: nothing retraces after its first use.
+    assert len(shapes) >= 2 and continuous.TRACES[0] - traces == len(shapes)
+    for a, b in zip(off_logs, on_logs, strict=True):
+        for k in ("loss", "reward", "completions/mean_length", "grad_norm"):
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    want, got = flat_numpy(off.state.params), flat_numpy(on.state.params)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_rollout_slots_is_validated_and_picks_the_engine(model_tok):
+    from grpo.config import GRPOConfig
+    from grpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout_slots"):
+        GRPOConfig(rollout_slots=0)
+    assert GRPOConfig().rollout_slots is None
+    model, _ = model_tok
+    assert continuous.continuous_sampler(model, 8, slots=None) is None
+    assert continuous.continuous_sampler(model, 8, slots=8) is None  # all rows fit
+    assert continuous.continuous_sampler(model, 9, slots=8).keywords == {"slots": 8}

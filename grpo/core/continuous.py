@@ -27,6 +27,7 @@ Widths and capacities are bucketed, so the compiled step sees a few recurring sh
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from mlx_lm.models.cache import BatchKVCache
 from grpo.core.rollout import (
     CHECK_EVERY,
     KV_BUCKET,
+    Sampler,
     _advance,
     _policy,
     _prefill,
@@ -386,3 +388,16 @@ def rollout_continuous(
             model, prompts, lengths, key, sampling, slots=slots, eos_at=eos_at
         )
     return _assemble(prompts, lengths, tokens, logprobs, sampling)
+
+
+def continuous_sampler(model, rows: int, *, slots: int | None) -> Sampler | None:
+    """:func:`rollout_continuous` through ``slots`` slots, for a generation batch of ``rows``
+    completions that exceeds them; ``None`` when :func:`grpo.core.rollout.rollout` serves
+    (``slots`` is ``None`` or at least ``rows``, or the model is decoded prompt by prompt,
+    which holds only ``G`` rows at a time). Both give the same completions for the same key.
+    """
+    from grpo.core.rollout import batches_rows
+
+    if slots is None or rows <= slots or not batches_rows(model):
+        return None
+    return functools.partial(rollout_continuous, slots=slots)
