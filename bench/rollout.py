@@ -123,6 +123,53 @@ def engine_mlx_lm_lora(model, tokenizer, prompts, seed):
     return n
 
 
+class HFWorker:
+    """transformers' ``generate`` in a separate Python (bench/peers/hf_generate.py), one
+    persistent process per model directory so its turns interleave with the others."""
+
+    def __init__(self, python: str, model_dir: str, threads: int = 2):
+        import json
+        import subprocess
+
+        self._json = json
+        env = {**os.environ, **{v: str(threads) for v in THREAD_VARS}}
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "hf_generate.py")
+        self.proc = subprocess.Popen(
+            [python, script, model_dir, "--threads", str(threads)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"hf_generate.py exited ({self.proc.wait()})")
+        return self._json.loads(line)
+
+    def ask(self, op: str, prompts, seed: int, tokens: int = T) -> dict:
+        req = {"op": op, "prompts": prompts, "seed": seed, "G": G, "tokens": tokens}
+        self.proc.stdin.write(self._json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def engine_transformers(worker: HFWorker):
+    """transformers' generate of the B*G rows; times come from the worker (its own process)."""
+
+    def run(model, tokenizer, prompts, seed):
+        r = worker.ask("generate", prompts, seed)
+        return r["n"], r["wall"], r["cpu"]
+
+    return run
+
+
 def lora_available() -> str | None:
     try:
         import mlx_lm_lora.trainer.grpo_trainer  # noqa: F401
@@ -142,8 +189,11 @@ def bench_one(model, tokenizer, B, engines, repeats):
         for name, fn in engines.items():
             tic, cpu_tic = time.perf_counter(), time.process_time()
             n = fn(model, tokenizer, prompts, rep + 1)
-            wall[name].append(n / (time.perf_counter() - tic))
-            cpu[name].append(n / (time.process_time() - cpu_tic))
+            took, took_cpu = time.perf_counter() - tic, time.process_time() - cpu_tic
+            if isinstance(n, tuple):  # an engine in another process reports its own times
+                n, took, took_cpu = n
+            wall[name].append(n / took)
+            cpu[name].append(n / took_cpu)
     med = statistics.median
     return {n: med(v) for n, v in wall.items()}, {n: med(v) for n, v in cpu.items()}
 
@@ -262,6 +312,95 @@ def bench_realistic(sizes, repeats, slot_choices):
             print(f"| {size} | {cells} | {best / med['mlx-lm BatchGenerator']:.2f}x |", flush=True)
 
 
+def grpo_breakdown(model, prompts, repeats):
+    """Where one grpo rollout of ``prompts`` (G rows each, T tokens) goes, as in
+    bench/peers/hf_generate.py's breakdown: total, prefill, decode per token; ``call`` =
+    the compiled step's Python call (argument flattening, trace lookup, graph build),
+    ``compute`` = its evaluation (forward + sampling), ``sampling`` = the sampler alone on
+    the rows' logits, ``other`` = decode - call - compute (the loop's own bookkeeping)."""
+    from grpo.core import rollout as R
+    from grpo.core.sampling import make_uniform_sample_fn
+    from grpo.core.shared_prompt import prefix_ok
+
+    install_fast_kernels(model, enabled=True)
+    cfg = SamplingConfig(group_size=G, max_tokens=T, temperature=1.0, eos_ids=())
+    params, lengths = model.parameters(), [len(p) for p in prompts]
+    rows = mx.repeat(mx.arange(len(prompts)), G)
+    step = R._compiled_step(model, cfg)
+    res = {k: [] for k in ("total", "prefill", "call", "compute", "sampling")}
+    for rep in range(repeats + 1):  # the first round traces
+        tic = time.perf_counter()
+        engine_rollout(model, None, prompts, rep)
+        total = time.perf_counter() - tic
+        tic = time.perf_counter()
+        cache, logits = R._prefill(model, prompts, lengths)
+        state = R._initial_state(cache, prompts, cfg, logits.shape[-1], shared=prefix_ok(model))
+        U = R.uniforms(mx.random.key(rep), len(rows), T)
+        state, lp = R._compiled_first(cfg)(logits[rows], state, U[:, 0])
+        mx.eval(state, lp)
+        prefill = time.perf_counter() - tic
+        P, calls, computes = cache[0].size(), [], []
+        for t in range(1, T):
+            state = R._grow(state, P + t - 1)
+            t0 = time.perf_counter()
+            state, lp = step(params, state, mx.array(P + t - 1, dtype=mx.int32), U[:, t])
+            t1 = time.perf_counter()
+            mx.eval(state, lp)
+            calls.append(t1 - t0)
+            computes.append(time.perf_counter() - t1)
+        sample = mx.compile(make_uniform_sample_fn(cfg))
+        z = mx.random.normal((len(rows), logits.shape[-1]))
+        no_seen = mx.zeros((1, 1), mx.bool_)
+        mx.eval(sample(z, no_seen, U[:, 0]))
+        tic = time.perf_counter()
+        for t in range(T):
+            mx.eval(sample(z, no_seen, U[:, t]))
+        if rep:
+            res["total"].append(total)
+            res["prefill"].append(prefill)
+            res["call"].append(statistics.median(calls))
+            res["compute"].append(statistics.median(computes))
+            res["sampling"].append((time.perf_counter() - tic) / T)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    med["decode"] = (med["total"] - med["prefill"]) / (T - 1)
+    med["other"] = med["decode"] - med["call"] - med["compute"]
+    return med
+
+
+def print_breakdown(sizes, repeats, hf_python):
+    # B = 1: one 128-token prompt, G = 8 rows of exactly T tokens.
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 97, size=P).tolist()]
+    print("| model | engine | total ms | prefill ms | decode ms/token | of which: Python call | "
+          "forward + sampling | sampling | other |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
+            model, _ = mlx_lm.load(str(path))
+            worker = HFWorker(hf_python, str(path)) if hf_python else None
+            try:
+                rounds = {"grpo rollout": [], "transformers generate": []}
+                for rep in range(repeats):  # interleaved rounds
+                    rounds["grpo rollout"].append(grpo_breakdown(model, prompts, 1))
+                    if worker:
+                        worker.ask("breakdown", prompts, 0)  # warm-up
+                        r = worker.ask("breakdown", prompts, rep + 1)
+                        r["call"], r["compute"] = float("nan"), r["forward"] + r["sampling"]
+                        rounds["transformers generate"].append(r)
+            finally:
+                if worker:
+                    worker.close()
+            for name, rs in rounds.items():
+                if not rs:
+                    continue
+                m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                cells = [m["total"], m["prefill"], m["decode"], m["call"], m["compute"],
+                         m["sampling"], m["other"]]  # fmt: skip
+                text = " | ".join("n/a" if c != c else f"{1e3 * c:.2f}" for c in cells)
+                print(f"| {size} | {name} | {text} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
@@ -273,13 +412,25 @@ def main():
     ap.add_argument("--realistic", action="store_true",
                     help="only the realistic workload (B=8, G=8, <= 256 tokens, long-tailed)")  # fmt: skip
     ap.add_argument("--slots", nargs="+", type=int, default=[16, 32, 64])
+    ap.add_argument("--hf-python", metavar="PYTHON",
+                    help="a Python with torch + transformers: adds transformers' generate "
+                         "(bench/peers/hf_generate.py, 2 threads) as an engine")  # fmt: skip
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the per-token breakdown at B = 1 (grpo, and transformers with "
+                         "--hf-python)")  # fmt: skip
     args = ap.parse_args()
+    print(f"G={G} T={T} P={P} blas={grpo.blas_info()['backend']} cpus={os.cpu_count()} "
+          f"load={os.getloadavg()[0]:.2f}")  # fmt: skip
     if args.realistic:
-        print(f"blas={grpo.blas_info()['backend']} load={os.getloadavg()[0]:.2f}")
         bench_realistic(args.sizes, args.repeats, args.slots)
-        print(f"load after: {os.getloadavg()[0]:.2f}")
-        return
+    elif args.breakdown:
+        print_breakdown(args.sizes, args.repeats, args.hf_python)
+    else:
+        bench_fixed(args)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
 
+
+def bench_fixed(args):
     engines = {"rollout": engine_rollout, "mlx-lm": engine_mlx_lm}
     if args.ab:
         engines["rollout, mlx kernels"] = engine_rollout_mlx_kernels
@@ -288,25 +439,31 @@ def main():
         engines["mlx-lm-lora"] = engine_mlx_lm_lora
     else:
         print(f"mlx-lm-lora skipped (install the `bench` extra): {why}")
-    print(f"G={G} T={T} P={P} blas={grpo.blas_info()['backend']} cpus={os.cpu_count()} "
-          f"load={os.getloadavg()[0]:.2f}")  # fmt: skip
-    header = ("| model | B | " + " | ".join(f"{n} tok/s" for n in engines)
-              + " | vs mlx-lm | vs mlx-lm-lora | per CPU-s: vs mlx-lm | vs mlx-lm-lora |")  # fmt: skip
+    peers = ["mlx-lm", "mlx-lm-lora"] + (["transformers"] if args.hf_python else [])
+    names = list(engines) + (["transformers"] if args.hf_python else [])
+    header = ("| model | B | " + " | ".join(f"{n} tok/s" for n in names) + " | "
+              + " | ".join(f"vs {o}" for o in peers) + " | per CPU-s: "
+              + " | ".join(f"vs {o}" for o in peers) + " |")  # fmt: skip
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
             model, tokenizer = mlx_lm.load(str(path))
-            for B in args.batches:
-                tps, cps = bench_one(model, tokenizer, B, engines, args.repeats)
-                ratios = [f"{d['rollout'] / d[o]:.2f}x" if o in d else "skipped"
-                          for d in (tps, cps) for o in ("mlx-lm", "mlx-lm-lora")]  # fmt: skip
-                cells = " | ".join(f"{tps[n]:.0f}" for n in engines)
-                print(f"| {size} | {B} | {cells} | {' | '.join(ratios)} |", flush=True)
+            worker = HFWorker(args.hf_python, str(path)) if args.hf_python else None
+            arms = {**engines, **({"transformers": engine_transformers(worker)} if worker else {})}
+            try:
+                for B in args.batches:
+                    tps, cps = bench_one(model, tokenizer, B, arms, args.repeats)
+                    ratios = [f"{d['rollout'] / d[o]:.2f}x" if o in d else "skipped"
+                              for d in (tps, cps) for o in peers]  # fmt: skip
+                    cells = " | ".join(f"{tps[n]:.0f}" for n in arms)
+                    print(f"| {size} | {B} | {cells} | {' | '.join(ratios)} |", flush=True)
+            finally:
+                if worker:
+                    worker.close()
             if size == "tiny" and not args.no_compaction:
                 bench_compaction(model, args.repeats)
-    print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
