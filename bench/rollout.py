@@ -8,12 +8,22 @@ hits all engines alike; the median is reported as tokens/s (completion tokens / 
 prefill included). Ratios per CPU-second (process CPU time, all threads) are printed too:
 on a machine shared with other jobs they are steadier than wall-clock ratios.
 
-    .venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3]
+    .venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3] \
+        [--hf-python .venv-trl/bin/python]
+    .venv/bin/python bench/rollout.py --breakdown [--sizes tiny small] [--hf-python ...]
     .venv/bin/python bench/rollout.py --realistic [--sizes tiny small] [--slots 16 32 64]
+
+``--hf-python``: a Python with torch and transformers runs transformers' ``generate``
+(bench/peers/hf_generate.py, a persistent worker process loading the same directory with
+``AutoModelForCausalLM``, float32, 2 threads: ``OMP/OPENBLAS/MKL_NUM_THREADS`` and
+``torch.set_num_threads``) as one more interleaved engine; its times are measured inside
+the worker around the ``generate`` call. ``--breakdown``: at B = 1, where one rollout of
+grpo and one ``generate`` go (prefill, decode per token, forward + sampling, sampling
+alone, the rest).
 
 ``--realistic``: B = 8 prompts x G = 8 rows, at most 256 tokens, each row's length pre-drawn
 from a long-tailed (log-normal) distribution and enforced in every engine: grpo's
-continuous-batching engine (``rollout_continuous``, EOS forced at the drawn position,
+continuous-batching engine (``decode_continuous``: each row stops at its drawn length,
 ``S`` decode slots) and mlx-lm's ``BatchGenerator`` given all 64 rows (each row's drawn
 length as its ``max_tokens``). mlx-lm-lora's ``generate_grpo`` takes one length for all
 rows, so it cannot run this workload. tokens/s = generated tokens / wall time.
