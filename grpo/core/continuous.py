@@ -268,11 +268,36 @@ def decode_continuous(
     ``eos_ids`` the row just stops after ``eos_at[r]`` tokens (zeros after).
     """
     G, T = sampling.group_size, sampling.max_tokens
-    B = len(prompts)
-    N = B * G
+    N = len(prompts) * G
     limit = np.full(N, T) if eos_at is None else np.minimum(np.asarray(eos_at), T)
     force = np.zeros(N, bool) if eos_at is None else np.asarray(eos_at) <= T
     force &= bool(sampling.eos_ids)
+    q, P, out, end0 = _start(model, prompts, lengths, key, sampling)
+    forced = (limit == 1) & force & ~end0
+    if forced.any():
+        out[0][forced, 0] = sampling.eos_ids[0]
+    # Rows that end at token 0 (or may have one token only) never take a slot.
+    queue = deque(r for r in range(N) if not end0[r] and limit[r] > 1)
+    book = _Slots(max(1, min(slots, len(queue))))
+    state = _empty_state(len(book.row), q, P + KV_BUCKET, sampling)
+    step, params = _compiled_step(model, sampling), model.parameters()
+    checks = bool(sampling.eos_ids or sampling.stop_sequences)
+    while queue or len(book.busy()):
+        state = _schedule(state, book, queue, np.repeat(np.arange(len(prompts)), G), q, P)
+        busy = book.busy()
+        # Run until the next check, or until the busy slot nearest its limit gets there.
+        n = min(CHECK_EVERY if checks else T, int((limit[book.row[busy]] - book.t[busy]).min()))
+        # Columns up to P + t + n - 2 get written in this run.
+        K = min(_round_up(int(book.t[busy].max()) + n - 1, KV_BUCKET), _round_up(T, KV_BUCKET))
+        state = _run(step, params, _fit_columns(state, P + K), book, n, out)
+        _retire(book, state, limit, force, out[0], sampling, checks)
+    return mx.array(out[0]), mx.array(out[1])
+
+
+def _start(model, prompts, lengths, key, sampling):
+    # Prefill every prompt once, draw every row's token 0; the host arrays the rows fill.
+    G, T = sampling.group_size, sampling.max_tokens
+    N = len(prompts) * G
     cache, logits = _prefill(model, prompts, lengths)
     P = cache[0].size()
     U = uniforms(key, N, T)
@@ -286,45 +311,27 @@ def decode_continuous(
         seen=seen0,
     )
     mx.eval(q, lp0, end0)
-    out_tok = np.zeros((N, T), np.int32)
-    out_lp = np.zeros((N, T), np.float32)
-    out_tok[:, 0], out_lp[:, 0] = np.array(tok0), np.array(lp0)
-    end0 = np.array(end0)
-    forced = (limit == 1) & force & ~end0
-    if forced.any():
-        out_tok[forced, 0] = sampling.eos_ids[0]
-    prompt_of = np.repeat(np.arange(B), G)
-    # Rows that end at token 0 (or may have one token only) never take a slot.
-    queue = deque(r for r in range(N) if not end0[r] and limit[r] > 1)
-    S = max(1, min(slots, len(queue)))
-    state = _empty_state(S, q, P + KV_BUCKET, sampling)
-    book = _Slots(S)
-    step = _compiled_step(model, sampling)
-    params = model.parameters()
-    checks = bool(sampling.eos_ids or sampling.stop_sequences)
-    while queue or len(book.busy()):
-        state = _schedule(state, book, queue, prompt_of, q, P)
-        busy = book.busy()
-        # Run until the next check, or until the busy slot nearest its limit gets there.
-        n = min(CHECK_EVERY if checks else T, int((limit[book.row[busy]] - book.t[busy]).min()))
-        # Columns up to P + t + n - 2 get written in this run.
-        K = min(_round_up(int(book.t[busy].max()) + n - 1, KV_BUCKET), _round_up(T, KV_BUCKET))
-        state = _fit_columns(state, P + K)
-        toks, lps = [], []
-        for _ in range(n):
-            state, lp = step(params, state)
-            # A blocking eval with no other reference to last step's buffers lets the
-            # column scatter write in place (async_eval would copy every buffer).
-            mx.eval(state, lp)
-            toks.append(state.tokens)
-            lps.append(lp)
-        rows, t0 = book.row[busy], book.t[busy]
-        cols = t0[:, None] + np.arange(n)[None, :]
-        out_tok[rows[:, None], cols] = np.array(mx.stack(toks, 1))[busy]
-        out_lp[rows[:, None], cols] = np.array(mx.stack(lps, 1))[busy]
-        book.t[busy] += n
-        _retire(book, state, limit, force, out_tok, sampling, checks)
-    return mx.array(out_tok), mx.array(out_lp)
+    out = (np.zeros((N, T), np.int32), np.zeros((N, T), np.float32))
+    out[0][:, 0], out[1][:, 0] = np.array(tok0), np.array(lp0)
+    return q, P, out, np.array(end0)
+
+
+def _run(step, params, state, book, n, out):
+    # n steps of every slot; the busy slots' tokens and log-probs go to their rows.
+    toks, lps = [], []
+    for _ in range(n):
+        state, lp = step(params, state)
+        # A blocking eval with no other reference to last step's buffers lets the
+        # column scatter write in place (async_eval would copy every buffer).
+        mx.eval(state, lp)
+        toks.append(state.tokens)
+        lps.append(lp)
+    busy = book.busy()
+    rows, cols = book.row[busy, None], book.t[busy, None] + np.arange(n)[None, :]
+    out[0][rows, cols] = np.array(mx.stack(toks, 1))[busy]
+    out[1][rows, cols] = np.array(mx.stack(lps, 1))[busy]
+    book.t[busy] += n
+    return state
 
 
 def _retire(book, state, limit, force, out_tok, sampling, checks):
