@@ -15,9 +15,9 @@ on a machine shared with other jobs they are steadier than wall-clock ratios.
 
 ``--hf-python``: a Python with torch and transformers runs transformers' ``generate``
 (bench/peers/hf_generate.py, a persistent worker process loading the same directory with
-``AutoModelForCausalLM``, float32, 2 threads: ``OMP/OPENBLAS/MKL_NUM_THREADS`` and
-``torch.set_num_threads``) as one more interleaved engine; its times are measured inside
-the worker around the ``generate`` call. ``--breakdown``: at B = 1, where one rollout of
+``AutoModelForCausalLM``, float32, as many threads as grpo's BLAS: ``OPENBLAS_NUM_THREADS``
+or 2, set as ``OMP/OPENBLAS/MKL_NUM_THREADS`` and ``torch.set_num_threads``) as one more
+interleaved engine; its times are measured inside the worker around the ``generate`` call. ``--breakdown``: at B = 1, where one rollout of
 grpo and one ``generate`` go (prefill, decode per token, forward + sampling, sampling
 alone, the rest).
 
@@ -137,11 +137,13 @@ class HFWorker:
     """transformers' ``generate`` in a separate Python (bench/peers/hf_generate.py), one
     persistent process per model directory so its turns interleave with the others."""
 
-    def __init__(self, python: str, model_dir: str, threads: int = 2):
+    def __init__(self, python: str, model_dir: str, threads: int | None = None):
         import json
         import subprocess
 
         self._json = json
+        # As many threads as grpo's BLAS gets (OPENBLAS_NUM_THREADS, else OpenBLAS's 2 here).
+        threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS", "2"))
         env = {**os.environ, **{v: str(threads) for v in THREAD_VARS}}
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "hf_generate.py")
         self.proc = subprocess.Popen(
@@ -424,7 +426,7 @@ def main():
     ap.add_argument("--slots", nargs="+", type=int, default=[16, 32, 64])
     ap.add_argument("--hf-python", metavar="PYTHON",
                     help="a Python with torch + transformers: adds transformers' generate "
-                         "(bench/peers/hf_generate.py, 2 threads) as an engine")  # fmt: skip
+                         "(bench/peers/hf_generate.py, grpo's thread count) as an engine")  # fmt: skip
     ap.add_argument("--breakdown", action="store_true",
                     help="only the per-token breakdown at B = 1 (grpo, and transformers with "
                          "--hf-python)")  # fmt: skip
