@@ -17,9 +17,9 @@ on a machine shared with other jobs they are steadier than wall-clock ratios.
 (bench/peers/hf_generate.py, a persistent worker process loading the same directory with
 ``AutoModelForCausalLM``, float32, as many threads as grpo's BLAS: ``OPENBLAS_NUM_THREADS``
 or 2, set as ``OMP/OPENBLAS/MKL_NUM_THREADS`` and ``torch.set_num_threads``) as one more
-interleaved engine; its times are measured inside the worker around the ``generate`` call. ``--breakdown``: at B = 1, where one rollout of
-grpo and one ``generate`` go (prefill, decode per token, forward + sampling, sampling
-alone, the rest).
+interleaved engine; its times are measured inside the worker around the ``generate``
+call. ``--breakdown``: at B = 1, where one rollout of grpo and one ``generate`` go
+(prefill, decode per token, forward + sampling, sampling alone, the rest).
 
 ``--realistic``: B = 8 prompts x G = 8 rows, at most 256 tokens, each row's length pre-drawn
 from a long-tailed (log-normal) distribution and enforced in every engine: grpo's
