@@ -178,3 +178,28 @@ def test_rollout_slots_is_validated_and_picks_the_engine(model_tok):
     assert continuous.continuous_sampler(model, 8, slots=None) is None
     assert continuous.continuous_sampler(model, 8, slots=8) is None  # all rows fit
     assert continuous.continuous_sampler(model, 9, slots=8).keywords == {"slots": 8}
+
+
+def test_step_shapes_follow_the_live_rows(model_tok, prompts, monkeypatch):
+    # KV columns follow the longest live row (not P + max_tokens) and, once nothing is
+    # queued, the slots shrink with the live rows.
+    model, _ = model_tok
+    shapes, real_step = [], continuous._compiled_step
+
+    def spy_step(model, sampling):
+        step = real_step(model, sampling)
+
+        def run(params, state):
+            shapes.append((state.tokens.shape[0], state.keys[0].shape[2]))
+            return step(params, state)
+
+        return run
+
+    monkeypatch.setattr(continuous, "_compiled_step", spy_step)
+    eos_at = np.array([3, 5, 9, 40] * 3)
+    r = _run(model, prompts, 12, eos_ids=(127,), eos_at=eos_at, max_tokens=96)
+    assert np.array(r.completion_lengths).max() <= 40
+    P = 32  # the prompts' bucket
+    widths, columns = [w for w, _ in shapes], [c for _, c in shapes]
+    assert max(columns) == P + 64 and min(columns) == P + 32  # never P + 96
+    assert widths[0] == 12 and widths[-1] == 4  # the three 40-token rows finish alone
