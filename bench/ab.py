@@ -14,7 +14,7 @@ on the machine barely change; it is reported next to wall time.
   vs the working tree (B).
 * ``checkpointing``: ``gradient_checkpointing`` off (A) vs on (B).
 * ``share``: the packed training forward (A) vs each prompt run once per group (B,
-  ``grpo.core.shared_prompt``).
+  ``grpo.core.shared_prefix``).
 * ``kernels``: mlx's own CPU exp/softmax/attention/SwiGLU (A) vs grpo's
   (``grpo.core.fastmath`` + ``install_fast_kernels``, with the shared-prefix decode) (B).
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step as S  # noqa: E402  (bench/step.py; imports grpo first for the BLAS)
 
+import grpo.core.forward as forward_mod  # noqa: E402
 import grpo.core.logprobs as current_logprobs  # noqa: E402
-import grpo.core.loss as loss_mod  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,8 @@ def _old_logprobs(commit: str, tmp: str):
 
 
 def _use_logprobs(module):
-    loss_mod.token_logprobs = module.token_logprobs
-    loss_mod.token_logprobs_and_entropy = module.token_logprobs_and_entropy
+    forward_mod.token_logprobs = module.token_logprobs
+    forward_mod.token_logprobs_and_entropy = module.token_logprobs_and_entropy
 
 
 def main(argv=None):

@@ -46,7 +46,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workload import PROMPT_CHARS, G, digit_fraction, prompt_texts  # noqa: E402
+# The peers' Python (``--lora-python``) may not have grpo installed: the repo is its source.
+sys.path.insert(1, str(HERE.parent))
+from workload import PROMPT_CHARS, G, digit_fraction, memory_rows, prompt_texts  # noqa: E402
 
 V_QWEN = 151_936
 MiB = 1 << 20
@@ -60,16 +62,6 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rows(T: int, seed: int = 0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(3, 99, PROMPT_CHARS).tolist()
-    completions = rng.integers(3, 99, (G, T)).tolist()
-    advantages = rng.standard_normal(G).astype("float32").tolist()
-    return prompt, completions, advantages
-
-
 # ----------------------------------------------------------------------------- grpo
 
 
@@ -80,7 +72,8 @@ def grpo_cell(model_dir: str, *, mode: str, T: int, micro: int, chunk: int | Non
     import grpo  # noqa: F401  (fast BLAS before mlx)
     from grpo.config import GRPOConfig
     from grpo.core.batch import LossBatch, pack
-    from grpo.trainer import GRPOTrainer, _windows
+    from grpo.core.pipeline import micro_batches
+    from grpo.trainer import GRPOTrainer
 
     out = tempfile.mkdtemp()
     cfg = GRPOConfig(
@@ -110,7 +103,7 @@ def grpo_cell(model_dir: str, *, mode: str, T: int, micro: int, chunk: int | Non
     if chunk is not None:
         tr.loss_config = attrs.evolve(tr.loss_config, head_chunk_elements=chunk)
         tr._train_step = tr._build_step()
-    prompt, completions, advantages = _rows(T)
+    prompt, completions, advantages = memory_rows(T)
     prompts = mx.array([prompt] * G, dtype=mx.int32)
     lengths = mx.full((G,), PROMPT_CHARS, mx.int32)
     comp = mx.array(completions, dtype=mx.int32)
@@ -124,7 +117,7 @@ def grpo_cell(model_dir: str, *, mode: str, T: int, micro: int, chunk: int | Non
     ref = tr._per_micro(tr._logprobs, tr.policy.ref_params, batch)
     ref_peak = mx.get_peak_memory()
     batch = batch._replace(ref_logprobs=ref)
-    window = _windows(batch, micro=micro, K=G // micro)[0]
+    window = micro_batches(batch, micro=micro, K=G // micro)[0]
     t0 = time.perf_counter()
     tr._step(window)
     step_s = time.perf_counter() - t0
@@ -161,7 +154,7 @@ def rollout_cell(model_dir: str, *, T: int):
     model.eval()
     sampling = GRPOConfig(num_generations=G, max_completion_length=T).to_sampling_config()
     sampling = attrs.evolve(sampling, eos_ids=(), stop_sequences=())
-    prompt, _, _ = _rows(T)
+    prompt, _, _ = memory_rows(T)
     mx.eval(model.parameters())
     base = mx.get_active_memory()
     mx.reset_peak_memory()
@@ -203,7 +196,7 @@ def mlx_lm_lora_cell(model_dir: str, *, mode: str, T: int):
         lora = {"rank": 8, "scale": 20.0, "dropout": 0.0}
         linear_to_lora_layers(model, len(model.layers), lora)
     model.train()
-    prompt, completions, advantages = _rows(T)
+    prompt, completions, advantages = memory_rows(T)
     batch = ([prompt], [[0]], ["p"], ["a"], None)
     comps = [mx.array(c, dtype=mx.int32) for c in completions]
     opt = optim.Adam(learning_rate=1e-5)
@@ -244,6 +237,10 @@ def mlx_lm_lora_cell(model_dir: str, *, mode: str, T: int):
 
 
 def child(args) -> None:
+    # grpo first: importing it loads the fast OpenBLAS, which must happen before mlx is
+    # imported (the cells below import mlx), or every matmul runs on a slow BLAS.
+    import grpo  # noqa: F401
+
     engine, mode, T = args.child
     T = int(T)
     if engine == "grpo":
@@ -265,6 +262,9 @@ def child(args) -> None:
 def run_child(python: str, model_dir: str, engine: str, mode: str, T: int, gc: bool) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--model-dir", model_dir,
            "--child", engine, mode, str(T)] + (["--gc"] if gc else [])  # fmt: skip
+    if engine == "trl":
+        cmd = [python, str(HERE / "peers" / "trl_memory.py"), model_dir, "--tokens", str(T)]
+        cmd += (["--lora"] if mode == "lora" else []) + (["--gc"] if gc else [])
     load = os.getloadavg()[0]
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -276,22 +276,34 @@ def run_child(python: str, model_dir: str, engine: str, mode: str, T: int, gc: b
     return r
 
 
+def _num(x) -> str:
+    # TRL's cell has no MLX peak (PyTorch's CPU allocator keeps no peak counter).
+    return "" if x is None else f"{x:.0f}"
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| T | mode | ckpt | engine | step peak MiB (mx) | peak RSS MiB | weights MiB | "
-            "grpo / engine (mx peak) | s/step |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "grpo (ckpt) / engine (mx peak) | grpo (ckpt) / engine (RSS) | s/step |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     out = [head]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['T']} | {r['mode']} | {'on' if r['gc'] else 'off'} | {r['engine']} "
-                       f"| error: {r['error'][:80]} | | | | |")  # fmt: skip
+                       f"| error: {r['error'][:80]} | | | | | |")  # fmt: skip
             continue
-        ref = next((x for x in rows if x.get("engine") == "grpo" and x["T"] == r["T"]
-                    and x["mode"] == r["mode"] and x["gc"] == r["gc"] and "error" not in x),
-                   None)  # fmt: skip
-        ratio = f"{ref['peak_mib'] / r['peak_mib']:.2f}x" if ref and r is not ref else ""
+        # Ratios against grpo at its default geometry (8 rows per micro-batch) for this
+        # (T, mode): with gradient checkpointing (GRPOConfig's default, as TRL's) if run.
+        grpo = [x for x in rows if x.get("engine") == "grpo" and x["T"] == r["T"]
+                and x["mode"] == r["mode"] and "error" not in x]  # fmt: skip
+        ref = max(grpo, key=lambda x: x["gc"], default=None)
+        other = ref and r is not ref
+        mx_peak = r.get("peak_mib")
+        ratio = f"{ref['peak_mib'] / mx_peak:.2f}x" if other and mx_peak else ""
+        rss_ratio = f"{ref['rss_mib'] / r['rss_mib']:.2f}x" if other else ""
+        weights = r.get("weights_mib")
         out.append(
             f"| {r['T']} | {r['mode']} | {'on' if r['gc'] else 'off'} | {r['engine']} | "
-            f"{r['peak_mib']:.0f} | {r['rss_mib']:.0f} | {r['weights_mib']:.0f} | {ratio} | "
+            f"{_num(mx_peak)} | {r['rss_mib']:.0f} | {_num(weights)} | {ratio} | {rss_ratio} | "
             f"{r['step_s']:.2f} |"
         )
     return "\n".join(out)
@@ -303,19 +315,28 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, mode in zip(axes, ("lora", "full"), strict=True):
-        for engine in sorted({r["engine"] for r in rows}):
-            pts = sorted((r["T"], r["peak_mib"] / 1024) for r in rows if r["engine"] == engine
-                         and r["mode"] == mode and "error" not in r and not r["gc"])  # fmt: skip
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=engine)
-        ax.set_title(f"{mode}, V = 151,936, G = 8")
+    # Top: MLX's own peak counter (MLX engines); bottom: peak RSS (every engine, TRL too).
+    keys = (("peak_mib", "step peak (GiB, mx.get_peak_memory)"), ("rss_mib", "peak RSS (GiB)"))
+    series = sorted({(r["engine"], r["gc"]) for r in rows})
+    colors = {s: f"C{i}" for i, s in enumerate(series)}  # one colour per series everywhere
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for row, (key, ylabel) in zip(axes, keys, strict=True):
+        for ax, mode in zip(row, ("lora", "full"), strict=True):
+            for engine, gc in series:
+                pts = sorted((r["T"], r[key] / 1024) for r in rows if r["engine"] == engine
+                             and r["gc"] == gc and r["mode"] == mode and "error" not in r
+                             and r.get(key))  # fmt: skip
+                if pts:
+                    name = f"{engine} (ckpt)" if gc else engine
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=name,
+                            color=colors[engine, gc])  # fmt: skip
+            ax.set_title(f"{mode}, V = 151,936, G = 8")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        row[0].set_ylabel(ylabel)
+    for ax in axes[1]:
         ax.set_xlabel("completion tokens T")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("step peak memory (GiB, mx.get_peak_memory)")
-    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -335,11 +356,22 @@ def main(argv=None):
     ap.add_argument("--both-gc", action="store_true", help="grpo engines with and without it")
     ap.add_argument("--rollout", action="store_true")
     ap.add_argument("--lora-python", default=os.environ.get("GRPO_LORA_PYTHON", sys.executable))
+    ap.add_argument("--trl-python", help="a Python with torch + TRL, for the 'trl' engine")
     ap.add_argument("--one-step", action="store_true",
                     help="measure the first step only (cheaper; its peak bounds the steady one)")  # fmt: skip
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no runs: print the table (and --plot) of earlier --json files")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())]
+        rows = [r for r in rows if r["engine"] != "grpo-rollout"]
+        rows.sort(key=lambda r: (r["T"], r["mode"] != "lora", r["engine"], r["gc"]))
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return
     if args.one_step:
         os.environ["GRPO_BENCH_ONE_STEP"] = "1"  # the children read it
     if args.child:
@@ -349,7 +381,13 @@ def main(argv=None):
     from grpo.io.tiny import build_tiny_model
 
     model_dir = args.model_dir or str(
-        build_tiny_model(Path(tempfile.mkdtemp()) / "m", size=args.size, vocab_size=args.vocab)
+        build_tiny_model(
+            Path(tempfile.mkdtemp()) / "m",
+            size=args.size,
+            vocab_size=args.vocab,
+            # Room for the longest completions after the 32-token prompt.
+            max_position_embeddings=max(4096, 2 * max(args.tokens)),
+        )
     )
     rows = []
     for T in args.tokens:
@@ -358,8 +396,12 @@ def main(argv=None):
             for engine in args.engines:
                 if engine == "grpo-unchunked" and T > args.unchunked_max_tokens:
                     continue
-                python = args.lora_python if engine == "mlx-lm-lora" else sys.executable
-                gcs = [False, True] if args.both_gc and engine.startswith("grpo") else [args.gc]
+                if engine == "trl" and not args.trl_python:
+                    raise SystemExit("engine 'trl' needs --trl-python (a Python with torch + trl)")
+                python = {"mlx-lm-lora": args.lora_python, "trl": args.trl_python}.get(
+                    engine, sys.executable
+                )
+                gcs = [False, True] if args.both_gc and engine != "mlx-lm-lora" else [args.gc]
                 for gc in gcs:
                     r = run_child(python, model_dir, engine, mode, T, gc)
                     print(json.dumps(r), flush=True)

@@ -30,6 +30,13 @@ rows, so it cannot run this workload. tokens/s = generated tokens / wall time.
 
 On the tiny model it also times finished-row compaction on vs off (EOS-heavy sampling).
 
+``--quantization 8 4``: only grpo's ``rollout``, sampling from the float model vs from its
+quantized copies (``rollout_quantization``: ``grpo.core.quantize``, group size 64) on the
+same prompts and keys; tokens/s and the speed-up over float, per wall second and per
+CPU-second, plus the time to re-quantize the weights (paid once per generation batch).
+
+    .venv/bin/python bench/rollout.py --quantization 8 4 [--sizes tiny small medium]
+
 mlx-lm-lora is optional (the ``bench`` extra); its column is skipped with a message when it
 cannot be imported.
 """
@@ -50,6 +57,7 @@ import grpo  # noqa: F401  (loads the fast BLAS; must precede the first mlx impo
 import mlx.core as mx
 import mlx_lm
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
@@ -180,6 +188,69 @@ def engine_transformers(worker: HFWorker):
         return r["n"], r["wall"], r["cpu"]
 
     return run
+
+
+_QUANTIZED: dict = {}
+
+
+def engine_quantized(model, tokenizer, prompts, seed, *, bits):
+    """rollout from the ``bits``-bit copy of ``model`` (built and quantized once per model)."""
+    from grpo.core.quantize import quantized_copy, quantized_params, rollout_group_size
+
+    install_fast_kernels(model)
+    if (id(model), bits) not in _QUANTIZED:
+        group = rollout_group_size(model, None)
+        copy = quantized_copy(model, bits=bits, group_size=group)
+        params = quantized_params(model, model.parameters(), bits=bits, group_size=group)
+        _QUANTIZED[id(model), bits] = (copy, params)
+    copy, params = _QUANTIZED[id(model), bits]
+    cfg = SamplingConfig(group_size=G, max_tokens=T, temperature=1.0, eos_ids=())
+    r = rollout(params, mx.random.key(seed), prompts, model=copy, sampling=cfg)
+    mx.eval(r)
+    assert r.completion_ids.shape == (len(prompts) * G, T)
+    return r.completion_ids.size
+
+
+def requantize_seconds(model, bits, repeats=3) -> float:
+    """Median wall time of re-quantizing every weight (what each generation batch pays)."""
+    from grpo.core.quantize import quantized_params, rollout_group_size
+
+    group = rollout_group_size(model, None)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        quantized_params(model, model.parameters(), bits=bits, group_size=group)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def bench_quantization(sizes, batches, bits_list, repeats):
+    engines = {"float": engine_rollout}
+    for bits in bits_list:
+        engines[f"q{bits}"] = functools.partial(engine_quantized, bits=bits)
+    q = [n for n in engines if n != "float"]
+    print(f"G={G} T={T} P={P} blas={grpo.blas_info()['backend']} cpus={os.cpu_count()} "
+          f"load={os.getloadavg()[0]:.2f}")  # fmt: skip
+    print("| model | params | B | " + " | ".join(f"{n} tok/s" for n in engines)
+          + " | " + " | ".join(f"{n} / float" for n in q)
+          + " | " + " | ".join(f"{n} / float per CPU-s" for n in q)
+          + " | " + " | ".join(f"re-quantize {n} (s)" for n in q) + " |")  # fmt: skip
+    print("|" + "---|" * (3 + len(engines) + 3 * len(q)))
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
+            model, tokenizer = mlx_lm.load(str(path))
+            n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+            requant = {n: requantize_seconds(model, int(n[1:])) for n in q}
+            for B in batches:
+                tps, cps = bench_one(model, tokenizer, B, engines, repeats)
+                cells = " | ".join(f"{tps[n]:.0f}" for n in engines)
+                wall = " | ".join(f"{tps[n] / tps['float']:.2f}x" for n in q)
+                cpu = " | ".join(f"{cps[n] / cps['float']:.2f}x" for n in q)
+                rq = " | ".join(f"{requant[n]:.2f}" for n in q)
+                print(f"| {size} | {n_params / 1e6:.1f}M | {B} | {cells} | {wall} | {cpu} | {rq} |",
+                      flush=True)  # fmt: skip
+            _QUANTIZED.clear()
 
 
 def lora_available() -> str | None:
@@ -337,7 +408,7 @@ def grpo_breakdown(model, prompts, repeats):
     the rows' logits, ``other`` = decode - call - compute (the loop's own bookkeeping)."""
     from grpo.core import rollout as R
     from grpo.core.sampling import make_uniform_sample_fn
-    from grpo.core.shared_prompt import prefix_ok
+    from grpo.core.shared_prefix import prefix_sharing_verified
 
     install_fast_kernels(model, enabled=True)
     cfg = SamplingConfig(group_size=G, max_tokens=T, temperature=1.0, eos_ids=())
@@ -351,7 +422,9 @@ def grpo_breakdown(model, prompts, repeats):
         total = time.perf_counter() - tic
         tic = time.perf_counter()
         cache, logits = R._prefill(model, prompts, lengths)
-        state = R._initial_state(cache, prompts, cfg, logits.shape[-1], shared=prefix_ok(model))
+        state = R._initial_state(
+            cache, prompts, cfg, logits.shape[-1], shared=prefix_sharing_verified(model)
+        )
         U = R.uniforms(mx.random.key(rep), len(rows), T)
         state, lp = R._compiled_first(cfg)(logits[rows], state, U[:, 0])
         mx.eval(state, lp)
@@ -435,7 +508,13 @@ def main():
     ap.add_argument("--breakdown", action="store_true",
                     help="only the per-token breakdown at B = 1 (grpo, and transformers with "
                          "--hf-python)")  # fmt: skip
+    ap.add_argument("--quantization", nargs="+", type=int, default=None, metavar="BITS",
+                    help="only float vs quantized-copy rollout (rollout_quantization), e.g. 8 4")  # fmt: skip
     args = ap.parse_args()
+    if args.quantization:
+        bench_quantization(args.sizes, args.batches, args.quantization, args.repeats)
+        print(f"load after: {os.getloadavg()[0]:.2f}")
+        return
     shape = "" if args.realistic else f"G={G} T={T} P={P} "
     print(f"{shape}blas={grpo.blas_info()['backend']} cpus={os.cpu_count()} "
           f"load={os.getloadavg()[0]:.2f}")  # fmt: skip

@@ -10,15 +10,17 @@ from pathlib import Path
 import attrs
 
 import grpo
-import grpo.tasks  # noqa: F401  (registers exact_match before REWARD_FUNCS is listed)
-from grpo.cli import FIELD_HELP as FIELD_DOCS
-from grpo.config import GRPOConfig
+from grpo.config import GRPOConfig, field_help
+
+FIELD_DOCS = field_help()  # each field's help, from its attrs metadata
 
 MODULES = [
     ("grpo.core.advantages", "Group-relative advantages"),
     ("grpo.core.logprobs", "Log-probabilities"),
     ("grpo.core.loss", "Policy losses"),
-    ("grpo.core.shared_prompt", "Shared-prompt training forward"),
+    ("grpo.core.surrogates", "Loss pieces"),
+    ("grpo.core.forward", "Model forward of the loss"),
+    ("grpo.core.shared_prefix", "Shared-prefix training forward"),
     ("grpo.core.attention", "CPU attention kernels"),
     ("grpo.core.kv_cache", "KV caches"),
     ("grpo.core.pipeline", "From a rollout to micro-batches"),
@@ -26,6 +28,7 @@ MODULES = [
     ("grpo.core.sampling", "Sampling"),
     ("grpo.core.rollout", "Rollout"),
     ("grpo.core.importance", "Sampler mismatch correction (TRL vLLM IS)"),
+    ("grpo.core.quantize", "Quantized rollout copy (rollout_quantization)"),
     ("grpo.core.continuous", "Continuous batching"),
     ("grpo.core.multiturn", "Multi-turn rollout"),
     ("grpo.core.score", "Scoring"),

@@ -8,7 +8,6 @@ from pathlib import Path
 import attrs
 
 import grpo  # noqa: F401
-from grpo.cli import FIELD_HELP
 from grpo.config import GRPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ def table() -> str:
         elif f.metadata.get("script"):
             status = "read by your script (as in transformers)"
         else:
-            status = "wired: " + FIELD_HELP.get(name, "").replace("|", "\\|")
+            status = "wired: " + f.metadata.get("help", "").replace("|", "\\|")
         if name not in trl:
             status = "mlx-grpo only; " + status
         theirs = _cell(trl[name]) if name in trl else ""

@@ -34,7 +34,7 @@ from pathlib import Path
 import attrs
 
 import grpo
-from grpo.rewards import register_reward
+from grpo.rewards import char_match, register_reward
 
 NAME = "lookup"
 REWARD = "lookup_match"
@@ -120,10 +120,8 @@ def final_answer(completion) -> str:
 
 @register_reward(REWARD)
 def lookup_match(completions: Sequence, answer: Sequence[str], **kwargs) -> list[float]:
-    """Per-character credit (:func:`grpo.tasks.char_match`) of the last assistant message
+    """Per-character credit (:func:`grpo.rewards.char_match`) of the last assistant message
     against the row's code: 1.0 for the exact code; a guess earns 1/26 per letter on average."""
-    from grpo.tasks import char_match
-
     if len(answer) != len(completions):
         raise ValueError(
             f"lookup_match: got {len(completions)} completions but {len(answer)} answers"

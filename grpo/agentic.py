@@ -200,9 +200,8 @@ def _with_tools(trainer, batch, key) -> Generated:
         ids = ids[::G]  # every group shares its prompt: prefill it once
     else:
         sampling = attrs.evolve(sampling, group_size=1)
-    out = trainer._tool_loop.run(
-        trainer.state.params, key, ids, tools_per_row, model=trainer.model, sampling=sampling
-    )
+    params, model = trainer.rollout_policy()  # the quantized copy with rollout_quantization
+    out = trainer._tool_loop.run(params, key, ids, tools_per_row, model=model, sampling=sampling)
     metrics = {f"tools/calls/{tool_name(fn)}": 0.0 for fn in trainer.tools}
     metrics.update(out.metrics)
     return Generated(out.rollout, out.tool_mask, prompts, columns, out.completions, metrics, True)

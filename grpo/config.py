@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from grpo.core.loss import LOSS_TYPES
+from grpo.core.loss import LOSS_TYPES, LossConfig
 from grpo.core.optim import lr_factor, optimizer_kind, parse_optim_args, warmup_steps_for
 from grpo.errors import ConfigError
 
@@ -89,7 +89,6 @@ def _script_field(default: Any) -> Any:
 
 
 _VLLM = "vLLM is CUDA-only; mlx-grpo generates with its own mlx-lm rollout"
-_VLLM_IS = "it corrects vLLM's sampling mismatch; mlx-grpo samples from the policy itself"
 _GENERATE = "a transformers generate() option; mlx-grpo's rollout always batches and caches"
 _CONTINUOUS = (
     "transformers' continuous-batching engine; mlx-grpo's own continuous batching is set "
@@ -157,6 +156,13 @@ _HELP: dict[str, str] = {
     "rollout_slots": "Decode width: at most this many completions are decoded at once. A generation batch with more rows (prompts x `num_generations`) goes through continuous batching, each finished row's slot refilled with the next row; the completions are the same for the same seed, decode memory follows the slots (`None`: all rows at once).",
     "max_tool_calling_iterations": "Most rounds of tool calls per completion (`None`: until the budget is spent).",
     "tool_call_format": "Tool-call format: hermes, llama3 or mistral (`None`: detected from the chat template).",
+    "rollout_quantization": "Sample rollouts from a copy of the policy quantized to 8 or 4 bits (mlx affine), LoRA merged first and re-quantized from the current weights before every rollout; old log-probs and the loss stay float and the mismatch is corrected by the `vllm_importance_sampling_*` fields (`None`: sample from the policy itself).",
+    "rollout_quantization_group_size": "Group size of that quantization: 32, 64 or 128, dividing every layer's input size (`None`: 64, else 32).",
+    "vllm_importance_sampling_correction": "With `rollout_quantization`, multiply the loss by TRL's importance weight pi_old / pi_sampler (off: no correction). Without it the sampler is the policy: no mismatch, no effect.",
+    "vllm_importance_sampling_mode": "How that weight is formed: token_truncate, token_mask, sequence_truncate or sequence_mask (TRL's modes; only with `rollout_quantization`).",
+    "vllm_importance_sampling_clip_max": "Upper bound C_max of that weight: clipped there (`*_truncate`) or zeroed above it (`*_mask`); `None`: no bound. Only with `rollout_quantization`.",
+    "vllm_importance_sampling_clip_min": "Lower bound C_min of that weight: clipped there (`*_truncate`) or zeroed below it (`*_mask`); `None`: no bound. Only with `rollout_quantization`.",
+    "vllm_importance_sampling_cap": "Deprecated in TRL (FutureWarning): sets `vllm_importance_sampling_clip_max`.",
     "beta": "KL coefficient against the reference model (0 = no reference, no KL term).",
     "num_iterations": "Passes over each generation batch (`mu` in the GRPO paper).",
     "epsilon": "Lower clip of the importance ratio, `1 - epsilon`.",
@@ -320,6 +326,12 @@ class GRPOConfig:
         - ``router_aux_loss_coef`` (TRL 1.16: ``None``, the model config's value): ``None`` or
           0 only, since no mlx-lm model returns its router logits; a nonzero value is refused
           naming the model type.
+        - ``rollout_quantization`` / ``rollout_quantization_group_size`` (new): sample from a
+          quantized copy of the policy; TRL's ``vllm_importance_sampling_*`` fields then
+          correct the sampler/trainer mismatch exactly as they correct vLLM's (without
+          ``rollout_quantization`` the sampler is the policy and they have no effect). It
+          pays off with Metal's quantized kernels; on the CPU backend it is slower than
+          float (docs/benchmarks.md).
         - vLLM, DeepSpeed/FSDP, CUDA and hub fields are accepted without effect and named in
           one warning at construction (docs/porting-from-trl.md lists every field).
     """
@@ -365,6 +377,17 @@ class GRPOConfig:
     rollout_slots: int | None = None
     max_tool_calling_iterations: int | None = None
     tool_call_format: str | None = None
+    # Sample from a quantized copy of the policy (grpo.core.quantize); the loss corrects the
+    # mismatch with TRL's vLLM importance weights below.
+    rollout_quantization: int | None = None
+    rollout_quantization_group_size: int | None = None
+
+    # -- sampler/trainer mismatch: TRL's vLLM correction, applied to the quantized sampler --
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_cap: float | None = None
 
     # -- loss ----------------------------------------------------------------------------
     beta: float = 0.0
@@ -469,11 +492,6 @@ class GRPOConfig:
     vllm_gpu_memory_utilization: float = _ignored(0.3, _VLLM)
     vllm_max_model_length: int | None = _ignored(None, _VLLM)
     vllm_tensor_parallel_size: int = _ignored(1, _VLLM)
-    vllm_importance_sampling_correction: bool = _ignored(True, _VLLM_IS)
-    vllm_importance_sampling_mode: str = _ignored("sequence_mask", _VLLM_IS)
-    vllm_importance_sampling_clip_max: float | None = _ignored(3.0, _VLLM_IS)
-    vllm_importance_sampling_clip_min: float | None = _ignored(None, _VLLM_IS)
-    vllm_importance_sampling_cap: float | None = _ignored(None, _VLLM_IS)
     use_transformers_continuous_batching: bool = _ignored(False, _CONTINUOUS)
     transformers_continuous_batching_config: dict | None = _ignored(None, _CONTINUOUS)
     use_transformers_paged: bool = _ignored(False, _GENERATE)
@@ -599,10 +617,11 @@ class GRPOConfig:
     push_to_hub_token: str | None = _ignored(None, _HUB)
 
     def __attrs_post_init__(self):
+        _cap_alias(self)
         errors = _Errors()
         for check in (
             _check_batches, _check_generation, _check_loss, _check_optim, _check_flow,
-            _check_kwargs_fields, _check_controllers, _check_misc,
+            _check_kwargs_fields, _check_controllers, _check_misc, _check_rollout_quantization,
         ):  # fmt: skip
             check(self, errors)
         _check_finite(self, errors)
@@ -698,8 +717,6 @@ class GRPOConfig:
     # -- conversions -----------------------------------------------------------------------
     def to_loss_config(self):
         """The :class:`grpo.core.loss.LossConfig` for these settings."""
-        from grpo.core.loss import LossConfig
-
         # Fields GRPOConfig lacks (head_chunk_elements, picked by the trainer) keep defaults.
         names = [f.name for f in attrs.fields(LossConfig) if hasattr(self, f.name)]
         return LossConfig(**{name: getattr(self, name) for name in names})
@@ -1081,7 +1098,11 @@ def _check_misc(cfg: GRPOConfig, errors: _Errors):
 def _check_finite(cfg: GRPOConfig, errors: _Errors):
     # inf passes every ">= 0" check above (inf learning_rate, num_train_epochs=inf, ...)
     # but ruins the run; NaN fails them with a less direct message, so name both here.
+    # LossConfig says the same of its own fields.
+    owned_by_loss = {f.name for f in attrs.fields(LossConfig)}
     for field in attrs.fields(type(cfg)):
+        if field.name in owned_by_loss:
+            continue
         value = getattr(cfg, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             errors.check(False, f"{field.name} must be a finite number, got {field.name}={value!r}")
@@ -1097,4 +1118,61 @@ def _check_reliability(cfg: GRPOConfig, errors: _Errors):
     errors.check(
         isinstance(cfg.overwrite_output_dir, bool),
         f"overwrite_output_dir must be true or false, got {cfg.overwrite_output_dir!r}",
+    )
+
+
+def _cap_alias(cfg: GRPOConfig) -> None:
+    # TRL 1.16 keeps the old name as a deprecated alias that overrides clip_max.
+    if cfg.vllm_importance_sampling_cap is None:
+        return
+    warnings.warn(
+        "The `vllm_importance_sampling_cap` argument is deprecated and will be removed in "
+        "v2.0.0. Use `vllm_importance_sampling_clip_max` instead.",
+        FutureWarning,
+        stacklevel=4,
+    )
+    object.__setattr__(cfg, "vllm_importance_sampling_clip_max", cfg.vllm_importance_sampling_cap)
+
+
+def _check_rollout_quantization(cfg: GRPOConfig, errors: _Errors):
+    from grpo.core.importance import IS_MODES
+    from grpo.core.quantize import GROUP_SIZES, ROLLOUT_BITS
+
+    bits, group = cfg.rollout_quantization, cfg.rollout_quantization_group_size
+    errors.check(
+        bits is None or bits in ROLLOUT_BITS,
+        f"rollout_quantization must be one of {list(ROLLOUT_BITS)} or None, got "
+        f"rollout_quantization={bits!r}",
+    )
+    errors.check(
+        group is None or group in GROUP_SIZES,
+        f"rollout_quantization_group_size must be one of {list(GROUP_SIZES)} or None, got "
+        f"rollout_quantization_group_size={group!r}",
+    )
+    errors.check(
+        bits is None or cfg.quantize_bits is None,
+        f"rollout_quantization={bits} with quantize_bits={cfg.quantize_bits}: the QLoRA base "
+        "is already quantized, so its rollout already runs on quantized weights; unset one",
+    )
+    mode = cfg.vllm_importance_sampling_mode
+    _one_of(errors, cfg, "vllm_importance_sampling_mode", IS_MODES)
+    lo, hi = cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max
+    errors.check(
+        lo is None or hi is None or lo < hi,
+        f"vllm_importance_sampling_clip_min ({lo}) must be less than "
+        f"vllm_importance_sampling_clip_max ({hi}).",
+    )
+    errors.check(
+        not (cfg.vllm_importance_sampling_correction and str(mode).endswith("truncate"))
+        or lo is not None
+        or hi is not None,
+        "At least one of `vllm_importance_sampling_clip_min` or "
+        "`vllm_importance_sampling_clip_max` must be set when `vllm_importance_sampling_mode` "
+        "is a `*_truncate` mode.",
+    )
+    errors.check(
+        not (bits and cfg.vllm_importance_sampling_correction and cfg.loss_type == "vespo")
+        or mode in ("token_truncate", "token_mask"),
+        "VESPO loss requires `vllm_importance_sampling_mode` to be either 'token_truncate' or "
+        f"'token_mask'. Got: {mode}.",
     )

@@ -13,6 +13,8 @@ name                range      meaning
 ``length_penalty``  [-1, 0]    DAPO's soft overlong penalty on completion token count
 ``unit_tests``      {0, 1}     the completion's code passes the ``tests`` column, run in a
                                subprocess with a timeout and no network (None without tests)
+``exact_match``     [0, 1]     per-character credit against the ``answer`` column (the
+                               built-in tasks' reward, :mod:`grpo.tasks`)
 ==================  =========  ================================================================
 
 ``resolve_reward_funcs`` turns a spec (a callable, a built-in name, ``"module:function"``,
@@ -289,11 +291,69 @@ class UnitTests:
 
 unit_tests = UnitTests()
 
+# Special tokens of grpo.io.tiny's tokenizer (ChatML): a completion decoded with them kept is
+# cut at the first one, so exact_match does not depend on how the caller decoded.
+_STOP_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
+
+
+def exact_match_text(completion) -> str:
+    """The text :func:`exact_match` compares: the string, or the last chat message's content,
+    cut at the first ChatML stop token and stripped."""
+    if isinstance(completion, (list, tuple)):
+        completion = completion[-1]["content"] if completion else ""
+    elif isinstance(completion, dict):
+        completion = completion["content"]
+    text = str(completion)
+    for stop in _STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def char_match(prediction: str, answer: str) -> float:
+    """Fraction of positions where ``prediction`` and ``answer`` agree, over the longer length.
+
+    .. math:: r = \\#\\{i : p_i = a_i\\} / \\max(|p|, |a|)
+
+    Returns 1.0 only for an exact match (and for two empty strings).
+    """
+    longest = max(len(prediction), len(answer))
+    if longest == 0:
+        return 1.0
+    return sum(p == a for p, a in zip(prediction, answer, strict=False)) / longest
+
+
+def exact_match(
+    prompts: Sequence | None = None,
+    completions: Sequence = (),
+    *,
+    answer: Sequence[str],
+    **kwargs,
+) -> list[float]:
+    """TRL-style reward: per-character credit in ``[0, 1]`` against the ``answer`` column.
+
+    Args:
+        prompts: unused (kept for the TRL reward signature).
+        completions: ``N`` completions (strings or chat messages).
+        answer: ``N`` exact answers (the dataset column, repeated per completion).
+
+    Returns:
+        ``N`` floats in ``[0, 1]``; 1.0 means an exact answer.
+    """
+    if len(answer) != len(completions):
+        raise ValueError(
+            f"exact_match: got {len(completions)} completions but {len(answer)} answers"
+        )
+    return [
+        char_match(exact_match_text(c), str(a)) for c, a in zip(completions, answer, strict=True)
+    ]
+
+
 REWARD_FUNCS: dict[str, Callable] = {
     "answer_match": answer_match,
     "think_format": think_format,
     "length_penalty": length_penalty,
     "unit_tests": unit_tests,
+    "exact_match": exact_match,
 }
 
 
@@ -367,8 +427,6 @@ def _resolve_one(item: Any) -> Callable:
     if not isinstance(item, str):
         raise TypeError(f"reward function spec must be a callable or a string, got {item!r}")
     name = item.strip()
-    if name not in REWARD_FUNCS:
-        import grpo.tasks  # noqa: F401  (registers the built-in tasks' rewards, e.g. exact_match)
     if name in REWARD_FUNCS:
         return REWARD_FUNCS[name]
     if ":" in name:

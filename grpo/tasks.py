@@ -1,4 +1,4 @@
-"""Built-in verifiable tasks: seeded datasets of ``{"prompt", "answer"}`` rows plus their rewards.
+"""Built-in verifiable tasks: seeded datasets of ``{"prompt", "answer"}`` rows.
 
 A task is a small string transformation with an exact answer, generated from a seed so
 that the default job needs no download:
@@ -7,8 +7,9 @@ that the default job needs no download:
 - ``sort``: ``"sort: kqzt\\n"`` -> ``"kqtz"``
 
 Prompts are plain text (no chat template), which keeps them short for the character-level
-tokenizer of :mod:`grpo.io.tiny`. Every reward is in ``[0, 1]`` with partial credit per
-character, so the mean reward rises smoothly while a model learns:
+tokenizer of :mod:`grpo.io.tiny`. Their reward, :func:`grpo.rewards.exact_match`, is in
+``[0, 1]`` with partial credit per character, so the mean reward rises smoothly while a
+model learns:
 
 .. math::
 
@@ -19,16 +20,15 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 
 import attrs
 
-from grpo.rewards import register_reward
+# The tasks' reward lives with the other built-in rewards; these names stay importable here.
+from grpo.rewards import char_match, exact_match  # noqa: F401
+from grpo.rewards import exact_match_text as completion_text  # noqa: F401
 
 ALPHABET = string.ascii_lowercase
-# Special tokens of grpo.io.tiny's tokenizer; a completion decoded with them kept is cut at
-# the first one, so rewards do not depend on how the caller decoded.
-_STOP_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 
 def _reverse(s: str) -> str:
@@ -123,55 +123,3 @@ def held_out_dataset(
             if len(rows) == n:
                 return rows
     raise ValueError(f"held_out_dataset: could not draw {n} unseen rows of task {name!r}")
-
-
-def completion_text(completion) -> str:
-    """The answer text of one completion: plain string or TRL chat messages, cut at a stop token."""
-    if isinstance(completion, (list, tuple)):
-        completion = completion[-1]["content"] if completion else ""
-    elif isinstance(completion, dict):
-        completion = completion["content"]
-    text = str(completion)
-    for stop in _STOP_STRINGS:
-        text = text.split(stop, 1)[0]
-    return text.strip()
-
-
-def char_match(prediction: str, answer: str) -> float:
-    """Fraction of positions where ``prediction`` and ``answer`` agree, over the longer length.
-
-    .. math:: r = \\#\\{i : p_i = a_i\\} / \\max(|p|, |a|)
-
-    Returns 1.0 only for an exact match (and for two empty strings).
-    """
-    longest = max(len(prediction), len(answer))
-    if longest == 0:
-        return 1.0
-    return sum(p == a for p, a in zip(prediction, answer, strict=False)) / longest
-
-
-@register_reward("exact_match")
-def exact_match(
-    prompts: Sequence | None = None,
-    completions: Sequence = (),
-    *,
-    answer: Sequence[str],
-    **kwargs,
-) -> list[float]:
-    """TRL-style reward: per-character credit in ``[0, 1]`` against the ``answer`` column.
-
-    Args:
-        prompts: unused (kept for the TRL reward signature).
-        completions: ``N`` completions (strings or chat messages).
-        answer: ``N`` exact answers (the dataset column, repeated per completion).
-
-    Returns:
-        ``N`` floats in ``[0, 1]``; 1.0 means an exact answer.
-    """
-    if len(answer) != len(completions):
-        raise ValueError(
-            f"exact_match: got {len(completions)} completions but {len(answer)} answers"
-        )
-    return [
-        char_match(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)
-    ]

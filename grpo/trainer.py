@@ -3,13 +3,16 @@
 One *generation batch* (``GRPOConfig.resolved_generation_batch_size`` rows) goes through
 
 1. sample ``B`` prompts (:class:`grpo.io.data.PromptSampler`), render and tokenise them;
-2. roll out ``G`` completions per prompt (:func:`grpo.core.rollout.rollout`); the sampled
-   token ids are kept as they are (never re-encoded from text);
+2. roll out ``G`` completions per prompt (:func:`grpo.core.rollout.rollout`), from the
+   policy or, with ``rollout_quantization``, from its quantized copy
+   (:mod:`grpo.core.quantize`); the sampled token ids are kept as they are (never
+   re-encoded from text);
 3. decode, score every reward function, compute group-relative advantages;
 4. pad to length buckets, pack ``prompt ++ completion``; reference log-probs once per
    generation batch (``beta > 0``), old log-probs once when the policy moves before the
    batch is used up (the rollout's own sampling log-probs when sampling is
-   temperature-only);
+   temperature-only), always from the float policy with ``rollout_quantization``, whose
+   mismatch TRL's importance weight then corrects (:func:`grpo.core.pipeline.correct_sampler`);
 5. ``num_iterations`` passes over ``steps_per_generation`` micro-batches, every
    ``gradient_accumulation_steps`` of them one compiled optimizer step.
 
@@ -42,17 +45,21 @@ from grpo.core.controllers import (
     update_entropy_coef,
     window_entropy,
 )
-from grpo.core.loss import completion_logprobs, grpo_loss
+from grpo.core.forward import completion_logprobs
+from grpo.core.importance import sampler_metrics
+from grpo.core.loss import grpo_loss
 from grpo.core.memory import GIB, Fit, refusal
 from grpo.core.memory import choose as choose_fit
 from grpo.core.optim import decay_parameter_names, make_optimizer
 from grpo.core.pipeline import (
+    correct_sampler,
     loss_batch,
     micro_batches,
     pad_right,
     pad_rollout,
     per_micro,
 )
+from grpo.core.quantize import quantized_copy, quantized_params, rollout_group_size
 from grpo.core.rollout import Rollout, rollout
 from grpo.core.score import (
     check_reward_fns,
@@ -259,6 +266,11 @@ class GRPOTrainer:
                 trust_remote_code=args.trust_remote_code,
             )
         self._setup_agent(reward_funcs, tools, rollout_func, environment_factory)
+        if args.rollout_quantization is not None and rollout_func is not None:
+            raise ConfigError(
+                f"rollout_quantization={args.rollout_quantization} with a rollout_func: the "
+                "rollout_func samples on its own, there is no rollout to quantize; unset one"
+            )
         train_dataset = agentic.placeholder_dataset(self, train_dataset)
         if train_dataset is None:
             raise ConfigError("train_dataset is required")
@@ -402,6 +414,7 @@ class GRPOTrainer:
         key_model, key_run = mx.random.split(mx.random.key(args.seed))
         self.policy: Policy = prepare_policy(self.model, args, key=key_model, base=self.base)
         assert_in_sync(self.policy.params, group=self.group, what="initial parameters")
+        self._make_rollout_copy()
         fit = self._fit_memory()  # may shrink the micro-batch: read self.args after this
         args = self.args
         self.max_steps = self._total_steps()
@@ -448,7 +461,8 @@ class GRPOTrainer:
         est = measure_memory(
             self.model, self.policy.params, args.to_loss_config(),
             prompt_length=P, completion_length=T, vocab=vocab,
-            resident_bytes=tree_bytes(self.model.parameters()) + tree_bytes(self.policy.ref_params),
+            resident_bytes=tree_bytes(self.model.parameters()) + tree_bytes(self.policy.ref_params)
+            + tree_bytes(None if self.rollout_model is None else self.rollout_model.parameters()),
         )  # fmt: skip
         budget = args.max_memory_gb * GIB
         fit = choose_fit(est, budget=budget, rows=args.per_device_train_batch_size)
@@ -465,6 +479,36 @@ class GRPOTrainer:
             steps_per_generation=None if spg is None else spg * f,
         )
         return fit
+
+    def _make_rollout_copy(self) -> None:
+        """``rollout_quantization``: the quantized copy of the policy the rollout samples
+        from (``self.rollout_model``, ``None`` when off) and its group size."""
+        bits = self.args.rollout_quantization
+        self.rollout_model, self.rollout_group_size = None, None
+        if bits is None:
+            return
+        try:
+            group = rollout_group_size(self.model, self.args.rollout_quantization_group_size)
+            self.rollout_model = quantized_copy(self.model, bits=bits, group_size=group)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.rollout_group_size = group
+
+    def rollout_policy(self) -> tuple[Any, Any]:
+        """``(params, model)`` the rollout samples from: the policy itself, or (with
+        ``rollout_quantization``) its quantized copy with the current weights, LoRA merged
+        (quantized anew at each call, i.e. once per generation batch)."""
+        if self.rollout_model is None:
+            return self.train_state.params, self.model
+        params = quantized_params(
+            self.model,
+            self.train_state.params,
+            bits=self.args.rollout_quantization,
+            group_size=self.rollout_group_size,
+        )
+        # The copy holds the new weights from now on, so the previous ones can be freed.
+        self.rollout_model.update(params)
+        return params, self.rollout_model
 
     def _make_advantages(self, group_size: int):
         return make_advantages(
@@ -511,19 +555,15 @@ class GRPOTrainer:
         )
 
     def _build_step(self):
-        dropout = self.args.lora_dropout != 0
-        step = make_train_step(
+        # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
+        # state (the mlx-lm idiom); this keeps the masks fresh at every step.
+        return make_train_step(
             self._loss_fn,
             self.optimizer,
             **self.args.train_step_kwargs(),
             group=self.group,
-            compile=not dropout,
+            random_state=self.args.lora_dropout != 0,
         )
-        if not dropout:
-            return step
-        # nn.Dropout draws from mlx's global RNG, which a compiled function must list as
-        # state (the mlx-lm idiom); this keeps the masks fresh at every step.
-        return mx.compile(step, inputs=[mx.random.state], outputs=[mx.random.state])
 
     # -- properties ------------------------------------------------------------------------
 
@@ -606,6 +646,7 @@ class GRPOTrainer:
         *,
         tool_mask: mx.array | None = None,
         sampled_logprobs: bool = True,
+        quantized: bool = False,
     ) -> LossBatch:
         batch = loss_batch(
             roll,
@@ -617,6 +658,8 @@ class GRPOTrainer:
             batch = batch._replace(
                 ref_logprobs=self._per_micro(self._logprobs, self.policy.ref_params, batch)
             )
+        if quantized:
+            return self._correct_sampler(batch, roll.logprobs)
         if self.args.optimizer_steps_per_generation > 1:
             old = (
                 roll.logprobs
@@ -625,6 +668,20 @@ class GRPOTrainer:
             )
             batch = batch._replace(old_logprobs=old)
         return batch
+
+    def _correct_sampler(self, batch: LossBatch, sampling_logprobs: mx.array) -> LossBatch:
+        # The quantized copy sampled: old log-probs always from the float policy (TRL
+        # computes them whenever vLLM's correction is on), then TRL's weight.
+        old = self._per_micro(self._logprobs, self.train_state.params, batch)
+        args = self.args
+        return correct_sampler(
+            batch._replace(old_logprobs=old),
+            sampling_logprobs,
+            correction=args.vllm_importance_sampling_correction,
+            mode=args.vllm_importance_sampling_mode,
+            clip_min=args.vllm_importance_sampling_clip_min,
+            clip_max=args.vllm_importance_sampling_clip_max,
+        )
 
     def _generate(self, key: mx.array) -> Generation:
         prompts = next(self.sampler)
@@ -639,15 +696,10 @@ class GRPOTrainer:
                 out.columns,
             )
         else:
+            params, model = self.rollout_policy()
             rows = len(prompts.prompt_ids) * self.sampling.group_size
-            sample = continuous_sampler(self.model, rows, slots=self.args.rollout_slots) or rollout
-            roll = sample(
-                self.train_state.params,
-                key,
-                prompts.prompt_ids,
-                model=self.model,
-                sampling=self.sampling,
-            )
+            sample = continuous_sampler(model, rows, slots=self.args.rollout_slots) or rollout
+            roll = sample(params, key, prompts.prompt_ids, model=model, sampling=self.sampling)
             out, tool_mask, prompt_list, columns = None, None, prompts.prompts, prompts.columns
         adv, metrics, table = self._score(
             prompt_list,
@@ -659,7 +711,6 @@ class GRPOTrainer:
         metrics.update(_completion_metrics(roll, tool_mask))
         if out is not None:
             metrics.update(out.metrics)
-        metrics = self._all_reduce(metrics)
         roll = self._pad(roll)
         if tool_mask is not None:
             tool_mask = pad_right(tool_mask, roll.completion_ids.shape[1], 0.0)
@@ -668,7 +719,18 @@ class GRPOTrainer:
             adv.advantages,
             tool_mask=tool_mask,
             sampled_logprobs=out is None or out.sampled_logprobs,
+            quantized=self.rollout_model is not None,
         )
+        if batch.sampler_ratio is not None:  # TRL logs these only while it corrects
+            mismatch = sampler_metrics(
+                batch.old_logprobs,
+                batch.sampling_logprobs,
+                batch.completion_mask,
+                batch.sampler_ratio,
+                sequence=self.args.vllm_importance_sampling_mode.startswith("sequence"),
+            )
+            metrics.update({k: float(v.item()) for k, v in mismatch.items()})
+        metrics = self._all_reduce(metrics)
         lengths = roll.completion_lengths if tool_mask is None else tool_mask.sum(-1)
         tokens = int(np.array(roll.prompt_lengths).sum() + np.array(lengths).sum())
         if D.is_distributed(self.group):
@@ -692,7 +754,9 @@ class GRPOTrainer:
             window = window._replace(entropy_coef=mx.full((K,), coef, mx.float32))
         state, metrics = self._train_step(self.train_state, window)
         metrics = D.reduce_metrics(metrics, group=self.group)
-        mx.eval(state, metrics)
+        # The loss and the gradients first: the update stays unevaluated until they are
+        # known to be finite, and is never computed when they are not.
+        mx.eval(metrics)
         values = {k: float(v.item()) for k, v in metrics.items()}
         step = self.global_step + 1
         for name in ("loss", "grad_norm"):
@@ -703,6 +767,10 @@ class GRPOTrainer:
                 )
         self.train_state = state
         self.model.update(state.params)  # the compiled step leaves placeholders in the model
+        del state
+        # Nothing outside the update's graph holds the old parameters and optimizer state
+        # now, so the update writes into their buffers.
+        mx.eval(self.train_state)
         self._after_step(values)
         return values
 

@@ -278,7 +278,7 @@ def paths(model_dir: Path) -> tuple[str, str, str]:
     """How grpo runs the model in ``model_dir``: (training head, prompt sharing, rollout)."""
     from grpo.core.lm import check_split
     from grpo.core.rollout import batches_rows
-    from grpo.core.shared_prompt import check_prefix_sharing
+    from grpo.core.shared_prefix import check_prefix_sharing
     from grpo.io.model import load_model
 
     model, _ = load_model(str(model_dir))
@@ -309,7 +309,7 @@ def support_matrix(model_dir=None) -> str:
         "Columns: *head*: the training forward runs the trunk and applies the model's own",
         "head only at completion positions (verified against the model's full forward when",
         "the trainer is built; a model that disagrees is scored by its own forward). *shared",
-        "prompt*: each prompt's trunk pass serves its whole group (verified the same way).",
+        "prefix*: each prompt's trunk pass serves its whole group (verified the same way).",
         "*rollout*: plain-`KVCache` models decode all rows in one compiled batch; sliding-",
         "window, recurrent/SSM and mixed caches prefill each prompt once and fork the cache",
         "into its group.",
@@ -318,7 +318,7 @@ def support_matrix(model_dir=None) -> str:
         "forward does not return `[B, L, V]` logits is refused with its `model_type`.",
         "MoE: no mlx-lm model exposes router logits, so `router_aux_loss_coef` must be 0.",
         "",
-        "| model_type | exercises | head | shared prompt | rollout |",
+        "| model_type | exercises | head | shared prefix | rollout |",
         "|---|---|---|---|---|",
     ]
     for name, (_, note) in CASES.items():

@@ -137,9 +137,13 @@ def np_policy_loss(
     num_items=None,
     logp_sg=None,
     entropy_coef=None,
+    is_ratio=None,
+    sampling=None,
 ):
     """TRL 1.16 `_compute_loss` from per-token log-probs (eval mode, one process).
 
+    `is_ratio` is TRL's `inputs["importance_sampling_ratio"]` (vLLM correction on) and
+    `sampling` its `inputs["sampling_per_token_logps"]`.
     Returns (loss, metrics) as Python floats; `cfg` is read only for its field values.
     """
     f = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
@@ -153,7 +157,8 @@ def np_policy_loss(
     if cfg.top_entropy_quantile < 1.0:
         entropy_mask = np_quantile_mask(ent, mask, 1 - cfg.top_entropy_quantile)
     if cfg.off_policy_mask_threshold is not None:
-        kl_div = np.nan_to_num(old - sg, nan=0.0)
+        seen = old if sampling is None else f(sampling)
+        kl_div = np.nan_to_num(seen - sg, nan=0.0)
         seq_kl = (kl_div * mask).sum(1, keepdims=True) / np.maximum(mask.sum(1, keepdims=True), 1)
         opm = ((adv >= 0) | (seq_kl <= cfg.off_policy_mask_threshold)).astype(np.float64)
 
@@ -181,6 +186,10 @@ def np_policy_loss(
         per_token_loss = -(1 / (1 + np.exp(-tau * (coef_1 - 1)))) * 4 / tau * adv
     elif lt == "vespo":
         seq = (np.clip(sg - old, -20, 20) * mask).sum(-1, keepdims=True)
+        if is_ratio is not None:
+            with np.errstate(divide="ignore"):
+                log_is = np.clip(np.log(f(is_ratio)), np.log(1e-8), 20.0)
+            seq = seq + log_is.sum(-1, keepdims=True)
         log_w_seq = np.clip(seq, np.log(1e-8), 20.0)
         k = np.where(adv >= 0, cfg.vespo_k_pos, cfg.vespo_k_neg)
         lam = np.maximum(np.where(adv >= 0, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg), 1e-4)
@@ -190,6 +199,8 @@ def np_policy_loss(
         per_token_loss = per_token_loss * opm
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask
+    if is_ratio is not None and lt != "vespo":
+        per_token_loss = per_token_loss * f(is_ratio)
     if cfg.beta != 0.0:
         per_token_loss = per_token_loss + cfg.beta * per_token_kl
 
@@ -244,6 +255,39 @@ def np_policy_loss(
     elif lt == "vespo":
         metrics["vespo/phi_seq_mean"] = glob_mean(phi)
     return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+def np_sampler_correction(old, samp, mask, mode, clip_min, clip_max):
+    """TRL 1.16 `_generate_and_score_completions`: the vLLM importance-sampling ratio."""
+    old, samp, mask = (np.asarray(x, np.float64) for x in (old, samp, mask))
+    diff = np.nan_to_num((old - samp) * mask, nan=0.0)
+    if mode in ("sequence_mask", "sequence_truncate"):
+        diff = diff.sum(-1, keepdims=True)
+    ratio = np.exp(diff)
+    if mode in ("sequence_truncate", "token_truncate"):
+        return np.clip(ratio, clip_min, clip_max)  # a None bound is no bound, as torch.clamp
+    lo = -np.inf if clip_min is None else clip_min
+    hi = np.inf if clip_max is None else clip_max
+    return np.where((ratio < lo) | (ratio > hi), 0.0, ratio)
+
+
+def np_sampler_metrics(old, samp, mask, ratio, *, sequence):
+    """TRL 1.16's `sampling/*` metrics of the vLLM correction (one process)."""
+    delta = np.abs(np.asarray(old, np.float64) - np.asarray(samp, np.float64))
+    m = np.asarray(mask).astype(bool)
+    d = delta[m & ~np.isnan(delta)]
+    flat = ratio.flatten() if sequence else ratio[m]
+
+    def stat(fn, x):
+        return float(fn(x)) if x.size else 0.0
+
+    return {
+        "sampling/sampling_logp_difference/mean": stat(np.mean, d),
+        "sampling/sampling_logp_difference/max": stat(np.max, d),
+        "sampling/importance_sampling_ratio/min": stat(np.min, flat),
+        "sampling/importance_sampling_ratio/mean": stat(np.mean, flat),
+        "sampling/importance_sampling_ratio/max": stat(np.max, flat),
+    }
 
 
 def np_grad_fd(fn, x, h=1e-6):

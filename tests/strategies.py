@@ -76,3 +76,29 @@ def policy_batches(draw, max_rows=6, max_tokens=7):
     mask = draw(arrays((n, t), st.sampled_from([0.0, 1.0])))
     mask[:, 0] = 1.0
     return logp, old.astype(np.float32), ref.astype(np.float32), adv, mask
+
+
+# -- sampler-mismatch correction (importance) ---------------------------------------------
+
+
+@st.composite
+def sampler_batches(draw, max_rows=5, max_tokens=6):
+    """(old [N, T], sampling [N, T] with NaN, mask [N, T], mode, clip_min, clip_max).
+
+    ``sampling`` is ``old`` plus a bounded mismatch (a quantized sampler's), NaN where the
+    sampler could not score a token; the bounds are ones GRPOConfig accepts.
+    """
+    n = draw(st.integers(1, max_rows))
+    t = draw(st.integers(1, max_tokens))
+    old = draw(arrays((n, t), policy_logp))
+    samp = old + draw(arrays((n, t), st.floats(-1.5, 1.5, width=32)))
+    nan = draw(arrays((n, t), st.sampled_from([0.0, 0.0, 0.0, 1.0])))
+    samp = np.where(nan > 0, np.nan, samp).astype(np.float32)
+    mask = draw(arrays((n, t), st.sampled_from([0.0, 1.0])))
+    mode = draw(st.sampled_from(("token_truncate", "token_mask", "sequence_truncate",
+                                 "sequence_mask")))  # fmt: skip
+    lo = draw(st.sampled_from([None, 0.25, 0.5, 0.8]))
+    hi = draw(st.sampled_from([None, 1.25, 2.0, 3.0]))
+    if mode.endswith("truncate") and lo is None and hi is None:
+        hi = 3.0
+    return old, samp, mask, mode, lo, hi

@@ -91,6 +91,8 @@ def test_config_defaults_follow_trl():
         ("sapo_temperature_neg", 0.0),
         ("vespo_lambda_pos", -1.0),
         ("epsilon", float("nan")),
+        ("prompt_share", 0),
+        ("head_chunk_elements", 0),
     ],
 )
 def test_config_rejects_bad_values_naming_them(field, value):

@@ -83,3 +83,41 @@ def test_trainer_runs_the_public_pieces_a_custom_loop_uses(tiny_model_dir, tmp_p
                            "grpo_loss")
                if not calls.get(n)]  # fmt: skip
     assert not missing, missing
+
+
+def test_the_loss_split_keeps_every_import_path():
+    import grpo.core.forward as forward
+    import grpo.core.loss as loss
+    import grpo.core.surrogates as surrogates
+    import grpo.losses
+
+    for name in loss.__all__:
+        assert getattr(loss, name) is not None, name
+    for name in grpo.losses.__all__:
+        assert getattr(grpo.losses, name) is getattr(loss, name), name
+    assert loss.kl_k3 is surrogates.kl_k3 is grpo.kl_k3
+    assert loss.LOSSES is surrogates.LOSSES
+    assert loss.completion_logprobs is forward.completion_logprobs is grpo.completion_logprobs
+    assert loss.lora_reference_params is forward.lora_reference_params
+
+
+def test_loss_levels_import_downwards():
+    """Array pieces know no model; the forward knows no loss; the assembly uses both."""
+
+    def top_level_imports(name):
+        tree = ast.parse((CORE / f"{name}.py").read_text())
+        return {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names
+        }
+
+    grpo_modules = {m for m in top_level_imports("surrogates") if m.startswith("grpo")}
+    assert grpo_modules == {"grpo.core.numerics"}
+    assert not {"grpo.core.loss", "grpo.core.surrogates"} & top_level_imports("forward")
+    assert {"grpo.core.surrogates", "grpo.core.forward"} <= top_level_imports("loss")
+
+
+def test_rewards_do_not_import_tasks():
+    """Tasks use the rewards (exact_match); the rewards never need the tasks."""
+    rewards = pathlib.Path(grpo.__file__).parent / "rewards.py"
+    bad = [m for m in _imports(rewards) if m.startswith(("grpo.tasks", "grpo.agent_tasks"))]
+    assert not bad, bad

@@ -84,6 +84,19 @@ def test_config_rejects(tmp_path, kw, needles):
         assert needle in str(e.value), (needle, str(e.value))
 
 
+@pytest.mark.parametrize(
+    "field,value",
+    [("beta", float("nan")), ("temperature", float("inf")), ("entropy_coef", float("inf")),
+     ("learning_rate", float("inf"))],
+)  # fmt: skip
+def test_each_problem_is_reported_once(tmp_path, field, value):
+    # A loss field is checked by LossConfig alone, the rest by GRPOConfig alone: one line each.
+    with pytest.raises(ValueError) as e:
+        _args(tmp_path, **{field: value})
+    problems = [line for line in str(e.value).splitlines() if line.strip().startswith("- ")]
+    assert problems == [f"  - {field} must be a finite number, got {field}={value!r}"]
+
+
 def test_valid_config_is_accepted(tmp_path):
     # The same knobs at legal values pass, so the cases above fail for the stated reason.
     cfg = _args(tmp_path, epsilon=0.1, epsilon_high=0.3, beta=0.0, loss_type="grpo")

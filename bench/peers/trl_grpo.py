@@ -1,8 +1,8 @@
 """TRL's GRPOTrainer on PyTorch CPU, on a seeded model directory; prints one JSON line.
 
-Runs in a separate environment (never /work/venv): see bench/README.md.
+Runs in a separate environment with torch and TRL (not grpo's .venv): see bench/README.md.
 
-    /work/venv-trl/bin/python bench/peers/trl_grpo.py MODEL_DIR --steps 5 --warmup 2 [--lora]
+    .venv-trl/bin/python bench/peers/trl_grpo.py MODEL_DIR --steps 5 --warmup 2 [--lora]
 
 Settings match bench/peers/run.py: G = 8, one prompt per optimizer step, fixed-length
 completions (``min_new_tokens = max_completion_length`` masks EOS until the limit),
@@ -26,6 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workload import G, digit_fraction, prompt_texts  # noqa: E402  (bench/workload.py, stdlib only)
 
 
+def _rss_mib() -> float:
+    import resource
+
+    # Linux reports ru_maxrss in KiB: the process's peak resident set so far.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def digit_reward(completions, **_):
     return digit_fraction(completions)
 
@@ -43,6 +50,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1, help="prompts per step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
 
     import torch
@@ -55,6 +63,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    rss_after_load = _rss_mib()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     peft_config = None
     if args.lora:
@@ -99,6 +108,7 @@ def main():
             seed=0,
             disable_tqdm=True,
             dataloader_num_workers=0,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
         trainer = GRPOTrainer(
             model=model, reward_funcs=digit_reward, args=cfg,
@@ -112,6 +122,8 @@ def main():
         "batch": args.batch, "step_s": statistics.median(measured), "steps": len(measured),
         "cpu_s": statistics.median(timer.cpu_times[args.warmup :]),
         "all_step_s": [round(t, 4) for t in timer.times], "threads": torch.get_num_threads(),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "rss_after_load_mib": rss_after_load, "rss_mib": _rss_mib(),
         "versions": {"torch": torch.__version__, "trl": trl.__version__,
                      "transformers": transformers.__version__, "python": sys.version.split()[0]},
     }))  # fmt: skip

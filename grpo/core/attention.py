@@ -96,7 +96,7 @@ def prefix_attention(
 
     ``cache`` holds ``prefix_keys`` / ``prefix_values`` ``[B, Hkv, P, D]``, each prompt once
     (:class:`grpo.core.rollout.SharedPrefixKVCache` when decoding,
-    :class:`grpo.core.shared_prompt.SharedPromptCache` in the training forward); ``keys`` /
+    :class:`grpo.core.shared_prefix.SharedPrefixTrainCache` in the training forward); ``keys`` /
     ``values`` ``[N, Hkv, S, D]`` (``N = B * k``) are each row's own columns. The scores
     against the prefix are one matmul per prompt and KV head with the block's ``k * rep * L``
     query rows, instead of ``k`` copies of the prompt; both parts share one softmax, so the
@@ -199,7 +199,7 @@ def make_attention(original, block: int | None):
     block-causal or GQA-folded kernel on the CPU, else ``original`` (mlx-lm's)."""
 
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        # Prefix caches come only from rollout / shared_prompt, after shares_prefix() said yes.
+        # Prefix caches come only from rollout / shared_prefix, after shares_prefix() said yes.
         if hasattr(cache, "prefix_keys"):
             if mask is not None and not isinstance(mask, str):
                 # The prefix attention builds its own masks; an array here carries scores

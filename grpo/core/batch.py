@@ -39,6 +39,12 @@ class LossBatch(NamedTuple):
     entropy_coef: mx.array | None = (
         None  # [] run-time entropy-bonus coefficient (adaptive control); None = the config's
     )
+    sampling_logprobs: mx.array | None = (
+        None  # [N, T] float32 log-probs of a sampler other than the policy; None = the policy
+    )
+    sampler_ratio: mx.array | None = (
+        None  # [N, T] or [N, 1] TRL's sampler-mismatch weight pi_old / pi_samp; None = off
+    )
 
 
 def pack(

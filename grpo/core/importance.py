@@ -91,11 +91,20 @@ def sampler_metrics(
     sampling_logprobs: mx.array,
     mask: mx.array,
     ratio: mx.array,
+    *,
+    sequence: bool | None = None,
 ) -> dict[str, mx.array]:
     """TRL's mismatch metrics: ``sampling/sampling_logp_difference/{mean,max}`` of
     ``|log pi_old - log pi_samp|`` on live, scorable tokens, and
     ``sampling/importance_sampling_ratio/{min,mean,max}`` over live tokens (token modes)
-    or every row (sequence modes)."""
+    or every row (sequence modes).
+
+    Args:
+        old_logprobs, sampling_logprobs, mask: ``[N, T]``.
+        ratio: ``[N, T]`` or ``[N, 1]`` from :func:`sampler_correction`.
+        sequence: the ratio is a sequence mode's (``None``: when it is ``[N, 1]`` and
+            ``T > 1``; pass it when ``T`` may be 1).
+    """
     live = mask > 0
     delta = mx.abs(old_logprobs - sampling_logprobs)
     keep = live & ~mx.isnan(delta)
@@ -105,6 +114,8 @@ def sampler_metrics(
         "sampling/sampling_logp_difference",
         names=("mean", "max"),
     )
-    kept = mx.ones(ratio.shape, mx.bool_) if ratio.shape[-1] == 1 else live
+    if sequence is None:
+        sequence = ratio.shape[-1] == 1 and mask.shape[-1] > 1
+    kept = mx.ones(ratio.shape, mx.bool_) if sequence else live
     out.update(_masked_stats(ratio, kept, "sampling/importance_sampling_ratio"))
     return out

@@ -5,8 +5,8 @@ hold a group's shared prompt once (decoding and the training forward).
   an array position, so one compiled step serves every position.
 - :class:`SharedPrefixKVCache`: the rollout's decode cache when the prompt keys/values are
   stored once per group (read by :func:`grpo.core.attention.prefix_attention`).
-- :class:`PromptRecorder` / :class:`SharedPromptCache`: the training forward that runs each
-  prompt once per block of rows sharing it (:mod:`grpo.core.shared_prompt`).
+- :class:`PrefixRecorder` / :class:`SharedPrefixTrainCache`: the training forward that runs each
+  prompt once per block of rows sharing it (:mod:`grpo.core.shared_prefix`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from grpo.core._deprecated import renamed
 
 
 class FixedBatchKVCache(BatchKVCache):
@@ -80,7 +82,7 @@ class SharedPrefixKVCache(FixedBatchKVCache):
         return (mx.arange(self.keys.shape[2]) <= self._column())[None, :]
 
 
-class PromptRecorder(KVCache):
+class PrefixRecorder(KVCache):
     """A cache-free causal forward that keeps each layer's (post-RoPE) keys and values."""
 
     grpo_cache_free = True  # attention may treat it as cache=None
@@ -94,7 +96,7 @@ class PromptRecorder(KVCache):
         return create_causal_mask(N) if return_array else "causal"
 
 
-class SharedPromptCache(KVCache):
+class SharedPrefixTrainCache(KVCache):
     """The completion forward's cache: the block's prompt keys/values once, rows' own after.
 
     ``prefix_keys`` / ``prefix_values`` ``[B, H, P, D]``; ``offset`` ``[N]`` is each row's
@@ -120,3 +122,13 @@ class SharedPromptCache(KVCache):
 
     def suffix_mask(self, L: int) -> mx.array:
         return mx.arange(L)[None, :] <= mx.arange(L)[:, None]
+
+
+# The training forward's caches before they joined the shared-prefix family of names.
+__getattr__ = renamed(
+    __name__,
+    {
+        "PromptRecorder": "grpo.core.kv_cache.PrefixRecorder",
+        "SharedPromptCache": "grpo.core.kv_cache.SharedPrefixTrainCache",
+    },
+)

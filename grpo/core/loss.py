@@ -10,57 +10,69 @@
 with the importance ratio :math:`r = \\pi_\\theta / \\pi_{\\mathrm{old}}` per token or, for GSPO
 (``importance_sampling_level="sequence"``), :math:`\\exp` of the masked mean log-ratio of
 each sequence. The surrogate :math:`\\ell` and the ``reduce`` step are picked once by
-:func:`make_policy_loss` from :class:`LossConfig`:
+:func:`make_policy_loss` from :class:`LossConfig`, through the table of loss types
+:data:`grpo.core.surrogates.LOSSES` (or passed in: a surrogate or reduction of your own).
 
-=========  ==============================================  ==================================
-loss_type  surrogate :math:`\\ell`                          reduce over active tokens
-=========  ==============================================  ==================================
-grpo       :math:`-\\min(rA, \\operatorname{clip}(r)A)`      mean per sequence, then mean
-bnpo       same                                            token mean over the batch
-dr_grpo    same                                            sum / (rows * max_completion_length)
-dapo       same                                            sum / num_items_in_batch
-luspo      same                                            sum per sequence, then mean
-cispo      :math:`-\\operatorname{sg}[\\min(r, \\epsilon_{high})] A \\log\\pi`   sum / num_items_in_batch
-sapo       :math:`-\\tfrac{4}{\\tau}\\sigma(\\tau(r-1)) A`     mean per sequence, then mean
-vespo      :math:`-\\operatorname{sg}[\\phi(w)] A \\log\\pi`     sum / num_items_in_batch
-=========  ==============================================  ==================================
-
-Everything here is pure: arrays in, ``(loss, metrics)`` out, traceable by ``mx.compile`` and
-``mx.value_and_grad`` (config values are Python constants closed over at build time).
+This module is the configuration and the assembly: :class:`LossConfig` and its checks,
+:func:`make_policy_loss` / :func:`policy_loss` over log-prob arrays, and :func:`grpo_loss`
+over a model and a :class:`grpo.core.batch.LossBatch`. The array pieces live in
+:mod:`grpo.core.surrogates`, the model forward in :mod:`grpo.core.forward`; both are
+re-exported here. Everything is pure: arrays in, ``(loss, metrics)`` out, traceable by
+``mx.compile`` and ``mx.value_and_grad`` (config values are Python constants closed over at
+build time).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import attrs
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map_with_path
 
 from grpo.core.batch import LossBatch
-from grpo.core.lm import (
-    completion_logits,
-    head,
-    head_parameters,
-    make_head_fn,
-    split_ok,
-    trunk,
+from grpo.core.forward import completion_logprobs, lora_reference_params
+from grpo.core.logprobs import DEFAULT_HEAD_CHUNK_ELEMENTS
+from grpo.core.numerics import masked_mean
+from grpo.core.surrogates import (
+    CLIPPED_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOG_WEIGHTS,
+    LOSS_TYPES,
+    LOSSES,
+    LossType,
+    Metrics,
+    Reduction,
+    Surrogate,
+    Terms,
+    cispo_surrogate,
+    clip_metrics,
+    clipped_surrogate,
+    gamma_weights,
+    global_token_reduction,
+    high_entropy_mask,
+    kl_k3,
+    off_policy_mask,
+    sapo_surrogate,
+    sequence_log_weights,
+    sequence_mean_reduction,
+    sequence_sum_reduction,
+    token_log_weights,
+    token_mean_reduction,
+    vespo_surrogate,
 )
-from grpo.core.logprobs import (
-    DEFAULT_HEAD_CHUNK_ELEMENTS,
-    head_chunk_rows,
-    head_logprobs,
-    token_logprobs,
-    token_logprobs_and_entropy,
-)
-from grpo.core.numerics import masked_mean, masked_sum, safe_div
-from grpo.core.shared_prompt import can_share, shared_prompt_hidden
 
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-
-Metrics = dict[str, mx.array]
+# The pieces above stay importable from here (``grpo.core.loss.kl_k3`` and so on).
+__all__ = [
+    "LossConfig", "PolicyLoss", "make_policy_loss", "policy_loss", "grpo_loss",
+    "completion_logprobs", "lora_reference_params",
+    "CLIPPED_LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS", "LOSS_TYPES", "LOSSES", "LossType",
+    "Metrics", "Reduction", "Surrogate", "Terms", "cispo_surrogate", "clip_metrics",
+    "clipped_surrogate", "gamma_weights", "global_token_reduction", "high_entropy_mask",
+    "kl_k3", "off_policy_mask", "sapo_surrogate", "sequence_log_weights",
+    "sequence_mean_reduction", "sequence_sum_reduction", "token_log_weights",
+    "token_mean_reduction", "vespo_surrogate",
+]  # fmt: skip
 
 
 def _one_of(choices):
@@ -97,16 +109,14 @@ class LossConfig:
         temperature: sampling temperature; :func:`grpo_loss` scores completions under
             ``softmax(logits / temperature)`` as TRL does, so it must match the sampler.
         prompt_share: rows ``j*k .. j*k+k-1`` of every batch share a prompt (``k`` =
-            this); the forward then runs each prompt once (:mod:`grpo.core.shared_prompt`).
+            this); the forward then runs each prompt once (:mod:`grpo.core.shared_prefix`).
             1 (default) makes no assumption. The trainer sets
             ``gcd(per_device_train_batch_size, num_generations)``.
         head_chunk_elements: logits elements (``positions * V``) the LM head forms at
             once in the loss; bounds the head's memory, not its result.
     """
 
-    loss_type: str = attrs.field(
-        default="dapo", validator=lambda i, a, v: _one_of(LOSS_TYPES)(i, a, v)
-    )
+    loss_type: str = attrs.field(default="dapo", validator=_one_of(LOSS_TYPES))
     importance_sampling_level: str = attrs.field(
         default="token", validator=_one_of(IMPORTANCE_SAMPLING_LEVELS)
     )
@@ -135,6 +145,8 @@ class LossConfig:
         problems: list[str] = []
 
         def _require(ok, field, value, what):  # every problem is reported, not only the first
+            if isinstance(value, float) and not math.isfinite(value):
+                what = "a finite number"  # inf passes ">= 0"; nan fails it with a vaguer message
             if not ok:
                 problems.append(f"{field} must be {what}, got {field}={value!r}")
 
@@ -165,6 +177,8 @@ class LossConfig:
             _require(_finite(v) and v >= 0, name, v, ">= 0")
         n = self.head_chunk_elements
         _require(isinstance(n, int) and n > 0, "head_chunk_elements", n, "a positive int")
+        n = self.prompt_share
+        _require(isinstance(n, int) and n > 0, "prompt_share", n, "an integer >= 1")
         _require(
             _finite(self.temperature) and self.temperature > 0,
             "temperature",
@@ -177,381 +191,6 @@ class LossConfig:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-# ----------------------------------------------------------------------------- KL
-
-
-def kl_k3(logprobs: mx.array, ref_logprobs: mx.array, ratio: mx.array | None = None) -> mx.array:
-    """Schulman's k3 estimator of KL(pi || pi_ref), per token.
-
-    .. math:: \\mathrm{KL}_{k3} = e^{d} - d - 1, \\quad d = \\log\\pi_{ref} - \\log\\pi
-
-    Args:
-        logprobs: ``[N, T]`` current log-probs.
-        ref_logprobs: ``[N, T]`` reference log-probs.
-        ratio: optional ``[N, T]`` or ``[N, 1]`` importance ratio to multiply by
-            (``use_bias_correction_kl``; DeepSeek-V3.2 eq. 7).
-
-    Returns:
-        ``[N, T]`` non-negative KL estimates.
-    """
-    d = ref_logprobs - logprobs
-    # expm1 avoids the cancellation of exp(d) - 1 near d = 0; the max guards an ulp below 0.
-    kl = mx.maximum(mx.expm1(d) - d, 0.0)
-    return kl if ratio is None else kl * ratio
-
-
-# ----------------------------------------------------------- importance weights
-
-
-def token_log_weights(log_ratio: mx.array, mask: mx.array) -> mx.array:
-    """Per-token log importance weight ``log pi - log pi_old`` (PPO). ``[N, T] -> [N, T]``."""
-    return log_ratio
-
-
-def sequence_log_weights(log_ratio: mx.array, mask: mx.array) -> mx.array:
-    """GSPO's length-normalised sequence log-ratio (GSPO eq. 7). ``[N, T] -> [N, 1]``.
-
-    .. math:: \\log s_i = \\frac{1}{|y_i|}\\sum_t m_{i,t} (\\log\\pi_{i,t} - \\log\\pi^{old}_{i,t})
-    """
-    return masked_mean(log_ratio, mask, axis=-1)[:, None]
-
-
-# ---------------------------------------------------------------- surrogates
-
-
-class Terms(NamedTuple):
-    """Per-token quantities every surrogate may use (all float32)."""
-
-    logprobs: mx.array  # [N, T] current log-probs (differentiable)
-    log_ratio: mx.array  # [N, T] logprobs - old_logprobs
-    ratio: mx.array  # [N, T] (token level) or [N, 1] (sequence level)
-    advantages: mx.array  # [N, 1]
-    mask: mx.array  # [N, T] 1.0 on active completion tokens
-
-
-def clipped_surrogate(
-    ratio: mx.array,
-    advantages: mx.array,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: float | None = None,
-) -> tuple[mx.array, mx.array]:
-    """PPO's clipped objective, negated (PPO eq. 7; two-sided with INTELLECT-2's delta).
-
-    .. math:: \\ell = -\\min\\big(\\min(r, \\delta) A,\\; \\operatorname{clip}(r, 1-\\epsilon_l, 1+\\epsilon_h) A\\big)
-
-    Args:
-        ratio: ``[N, T]`` or ``[N, 1]`` importance ratios.
-        advantages: ``[N, 1]``.
-
-    Returns:
-        ``(per_token_loss, ratio)`` where the second is the ratio after the delta clamp,
-        which TRL's clip metrics are computed from.
-    """
-    clipped = mx.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-    if delta is not None:
-        ratio = mx.minimum(ratio, delta)
-    return -mx.minimum(ratio * advantages, clipped * advantages), ratio
-
-
-def cispo_surrogate(
-    ratio: mx.array, advantages: mx.array, logprobs: mx.array, *, epsilon_high: float
-) -> mx.array:
-    """CISPO (MiniMax-M1 eq. 4): clip the detached ratio, weight the log-likelihood.
-
-    .. math:: \\ell = -\\operatorname{sg}[\\min(r, \\epsilon_{high})]\\, A \\log\\pi
-    """
-    return -mx.stop_gradient(mx.minimum(ratio, epsilon_high)) * advantages * logprobs
-
-
-def sapo_surrogate(
-    ratio: mx.array, advantages: mx.array, *, temperature_pos: float, temperature_neg: float
-) -> mx.array:
-    """SAPO's soft gate (SAPO eq. 5), temperature by advantage sign (A > 0 uses ``pos``).
-
-    .. math:: \\ell = -\\frac{4}{\\tau}\\,\\sigma\\big(\\tau (r - 1)\\big)\\, A
-    """
-    tau = mx.where(advantages > 0, temperature_pos, temperature_neg)
-    return -mx.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * advantages
-
-
-_LOG_1E_8 = math.log(1e-8)
-
-
-def gamma_weights(
-    advantages: mx.array,
-    log_ratio: mx.array,
-    mask: mx.array,
-    *,
-    k_pos: float,
-    lambda_pos: float,
-    k_neg: float,
-    lambda_neg: float,
-) -> mx.array:
-    """VESPO's detached Gamma weight of the sequence ratio, normalised so phi(1) = 1.
-
-    .. math:: \\phi(w) = e^{\\lambda} w^{k} e^{-\\lambda w}, \\quad
-              \\log w_i = \\sum_t m_{i,t}\\operatorname{clip}(\\log r_{i,t}, -20, 20)
-
-    Args:
-        advantages: ``[N, 1]``; ``k``/``lambda`` use the ``pos`` pair where ``A >= 0``.
-        log_ratio: ``[N, T]`` token log-ratios.
-        mask: ``[N, T]``.
-
-    Returns:
-        ``[N, 1]`` weights, without gradient.
-    """
-    log_ratio = mx.stop_gradient(log_ratio)
-    seq = masked_sum(mx.clip(log_ratio, -20.0, 20.0), mask, axis=-1, keepdims=True)
-    log_w = mx.clip(seq, _LOG_1E_8, 20.0)
-    nonneg = advantages >= 0
-    k = mx.where(nonneg, k_pos, k_neg)
-    lam = mx.maximum(mx.where(nonneg, lambda_pos, lambda_neg), 1e-4)
-    phi = mx.exp(lam + k * log_w - lam * mx.exp(log_w))
-    return mx.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def vespo_surrogate(phi: mx.array, advantages: mx.array, logprobs: mx.array) -> mx.array:
-    """VESPO: ``-phi(w) A log pi`` with ``phi`` from :func:`gamma_weights`."""
-    return -phi * advantages * logprobs
-
-
-# ------------------------------------------------------------------- metrics
-
-
-def _global_mean(x: mx.array, mask: mx.array) -> mx.array:
-    # TRL's global_masked_mean: a [N, 1] (sequence-level) quantity averages over rows.
-    if x.shape[-1] == 1:
-        return x.mean()
-    return masked_mean(x, mask)
-
-
-def _row_means(x: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    # (per-row means [N], row-has-tokens [N]); TRL's masked_seq_mean gives NaN for empty rows.
-    if x.shape[-1] == 1:
-        return x[:, 0], mx.ones(x.shape[:1], dtype=mx.bool_)
-    count = mask.sum(axis=-1)
-    return safe_div(masked_sum(x, mask, axis=-1), count), count > 0
-
-
-def _nan_extreme(values: mx.array, valid: mx.array, *, reduce, fill: float) -> mx.array:
-    # nanmin / nanmax over valid rows; NaN when no row is valid.
-    out = reduce(mx.where(valid, values, fill))
-    return mx.where(valid.any(), out, mx.nan)
-
-
-def clip_metrics(
-    ratio: mx.array,
-    advantages: mx.array,
-    mask: mx.array,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-) -> Metrics:
-    """TRL's ``clip_ratio/*``: fraction of tokens whose clipped branch is active.
-
-    Args:
-        ratio: ``[N, T]`` or ``[N, 1]`` (after the ``delta`` clamp).
-        advantages: ``[N, 1]``.
-        mask: ``[N, T]``.
-    """
-    low = ((ratio < 1.0 - epsilon_low) & (advantages < 0)).astype(mx.float32)
-    high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).astype(mx.float32)
-    region = mx.maximum(low, high)
-    low_rows, valid = _row_means(low, mask)
-    high_rows, _ = _row_means(high, mask)
-    return {
-        "clip_ratio/low_mean": _global_mean(low, mask),
-        "clip_ratio/low_min": _nan_extreme(low_rows, valid, reduce=mx.min, fill=math.inf),
-        "clip_ratio/high_mean": _global_mean(high, mask),
-        "clip_ratio/high_max": _nan_extreme(high_rows, valid, reduce=mx.max, fill=-math.inf),
-        "clip_ratio/region_mean": _global_mean(region, mask),
-    }
-
-
-# -------------------------------------------------------- surrogate builders
-
-Surrogate = Callable[[Terms], tuple[mx.array, Metrics]]
-
-
-def _clipped(cfg: LossConfig) -> Surrogate:
-    eps_low, eps_high = cfg.epsilon, cfg.epsilon_high
-
-    def surrogate(t: Terms):
-        loss, ratio = clipped_surrogate(
-            t.ratio, t.advantages, epsilon_low=eps_low, epsilon_high=eps_high, delta=cfg.delta
-        )
-        metrics = clip_metrics(
-            ratio, t.advantages, t.mask, epsilon_low=eps_low, epsilon_high=eps_high
-        )
-        return loss, metrics
-
-    return surrogate
-
-
-def _cispo(cfg: LossConfig) -> Surrogate:
-    def surrogate(t: Terms):
-        loss = cispo_surrogate(t.ratio, t.advantages, t.logprobs, epsilon_high=cfg.epsilon_high)
-        clipped = ((t.ratio > cfg.epsilon_high) & (t.advantages > 0)).astype(mx.float32)
-        return loss, {"cispo_clip_ratio": _global_mean(clipped, t.mask)}
-
-    return surrogate
-
-
-def _sapo(cfg: LossConfig) -> Surrogate:
-    def surrogate(t: Terms):
-        loss = sapo_surrogate(
-            t.ratio,
-            t.advantages,
-            temperature_pos=cfg.sapo_temperature_pos,
-            temperature_neg=cfg.sapo_temperature_neg,
-        )
-        return loss, {}
-
-    return surrogate
-
-
-def _vespo(cfg: LossConfig) -> Surrogate:
-    def surrogate(t: Terms):
-        phi = gamma_weights(
-            t.advantages,
-            t.log_ratio,
-            t.mask,
-            k_pos=cfg.vespo_k_pos,
-            lambda_pos=cfg.vespo_lambda_pos,
-            k_neg=cfg.vespo_k_neg,
-            lambda_neg=cfg.vespo_lambda_neg,
-        )
-        return vespo_surrogate(phi, t.advantages, t.logprobs), {"vespo/phi_seq_mean": phi.mean()}
-
-    return surrogate
-
-
-# ---------------------------------------------------------------- reductions
-# Each maps (per_token_loss [N, T], mask [N, T], num_items_in_batch scalar) -> scalar.
-
-
-def sequence_mean_reduction(per_token_loss: mx.array, mask: mx.array, num_items) -> mx.array:
-    """GRPO/SAPO: mean over each sequence's active tokens, then over sequences."""
-    return masked_mean(per_token_loss, mask, axis=-1).mean()
-
-
-def token_mean_reduction(per_token_loss: mx.array, mask: mx.array, num_items) -> mx.array:
-    """BNPO: mean over all active tokens of the batch."""
-    return masked_mean(per_token_loss, mask)
-
-
-def sequence_sum_reduction(per_token_loss: mx.array, mask: mx.array, num_items) -> mx.array:
-    """LUSPO: sum over each sequence's active tokens, then mean over sequences."""
-    return masked_sum(per_token_loss, mask, axis=-1).mean()
-
-
-def global_token_reduction(per_token_loss: mx.array, mask: mx.array, num_items) -> mx.array:
-    """DAPO/CISPO/VESPO: token sum divided by the generation batch's active-token count."""
-    return masked_sum(per_token_loss, mask) / mx.maximum(num_items, 1.0)
-
-
-def _constant_length(cfg: LossConfig):
-    def reduction(per_token_loss: mx.array, mask: mx.array, num_items) -> mx.array:
-        # Dr. GRPO: a constant denominator, so no per-sequence length bias.
-        rows = per_token_loss.shape[0]
-        return masked_sum(per_token_loss, mask) / (rows * cfg.max_completion_length)
-
-    return reduction
-
-
-Reduction = Callable[[mx.array, mx.array, mx.array], mx.array]
-
-
-def _fixed(reduction: Reduction) -> Callable[[LossConfig], Reduction]:
-    return lambda cfg: reduction
-
-
-class LossType(NamedTuple):
-    """One row of :data:`LOSSES`: how a loss type is built and normalised."""
-
-    surrogate: Callable[[LossConfig], Surrogate]  # cfg -> f(Terms) -> (per-token loss, metrics)
-    reduction: Callable[[LossConfig], Reduction]  # cfg -> f(per_token, mask, num_items) -> loss
-    per_token: bool  # under accumulation, micro-batches weigh by live tokens (else sequences)
-    clipped: bool  # PPO clipping, with TRL's clip_ratio/* metrics
-
-
-# The one table of loss types: the config, the loss, the step's accumulation weights and the
-# CLI's help all read it.
-LOSSES: dict[str, LossType] = {
-    "grpo": LossType(_clipped, _fixed(sequence_mean_reduction), per_token=False, clipped=True),
-    "bnpo": LossType(_clipped, _fixed(token_mean_reduction), per_token=True, clipped=True),
-    "dr_grpo": LossType(_clipped, _constant_length, per_token=False, clipped=True),
-    "dapo": LossType(_clipped, _fixed(global_token_reduction), per_token=True, clipped=True),
-    "cispo": LossType(_cispo, _fixed(global_token_reduction), per_token=True, clipped=False),
-    "sapo": LossType(_sapo, _fixed(sequence_mean_reduction), per_token=False, clipped=False),
-    "luspo": LossType(_clipped, _fixed(sequence_sum_reduction), per_token=False, clipped=True),
-    "vespo": LossType(_vespo, _fixed(global_token_reduction), per_token=True, clipped=False),
-}
-LOSS_TYPES = tuple(LOSSES)
-CLIPPED_LOSS_TYPES = tuple(name for name, t in LOSSES.items() if t.clipped)
-
-_LOG_WEIGHTS = {"token": token_log_weights, "sequence": sequence_log_weights}
-
-# -------------------------------------------------------------- token masks
-
-
-def high_entropy_mask(entropies: mx.array, mask: mx.array, *, quantile: float) -> mx.array:
-    """Tokens whose entropy is at or above the ``quantile`` of active-token entropies.
-
-    The quantile interpolates linearly between order statistics (``torch.quantile``). With
-    ``quantile = 1 - rho`` this keeps the top-rho tokens (Wang et al., "Beyond the 80/20
-    rule").
-
-    Args:
-        entropies: ``[N, T]`` per-token entropies (no gradient flows through the mask).
-        mask: ``[N, T]`` active tokens.
-
-    Returns:
-        ``[N, T]`` float32 in {0, 1}, zero off ``mask``.
-    """
-    active = mask > 0
-    h = mx.stop_gradient(entropies).astype(mx.float32)
-    # Inactive tokens sort to the end; only the first `count` sorted values are used.
-    ordered = mx.sort(mx.where(active, h, mx.inf).reshape(-1))
-    count = active.sum()
-    pos = quantile * mx.maximum(count - 1, 0).astype(mx.float32)
-    lo = mx.floor(pos)
-    lo_v = ordered[lo.astype(mx.int32)]
-    hi_v = ordered[mx.ceil(pos).astype(mx.int32)]
-    threshold = lo_v + (pos - lo) * mx.where(hi_v > lo_v, hi_v - lo_v, 0.0)
-    return (active & (h >= threshold)).astype(mx.float32)
-
-
-def off_policy_mask(
-    advantages: mx.array,
-    logprobs: mx.array,
-    old_logprobs: mx.array,
-    mask: mx.array,
-    *,
-    threshold: float,
-) -> mx.array:
-    """DeepSeek-V3.2 off-policy sequence mask (eq. 9): keep if ``A >= 0`` or mean KL <= delta.
-
-    .. math:: M_i = [A_i \\ge 0] \\lor \\Big[\\tfrac{1}{|y_i|}\\sum_t m_{i,t}
-              (\\log\\pi^{old}_{i,t} - \\operatorname{sg}\\log\\pi_{i,t}) \\le \\delta\\Big]
-
-    Args:
-        advantages: ``[N, 1]``.
-        logprobs: ``[N, T]`` current log-probs.
-        old_logprobs: ``[N, T]`` sampling-time log-probs.
-        mask: ``[N, T]``.
-
-    Returns:
-        ``[N, 1]`` float32 in {0, 1}.
-    """
-    # NaN (unscorable) tokens carry no KL evidence, as in TRL.
-    kl = mx.nan_to_num(old_logprobs - mx.stop_gradient(logprobs), nan=0.0)
-    seq_kl = masked_mean(kl, mask, axis=-1)[:, None]
-    return ((advantages >= 0) | (seq_kl <= threshold)).astype(mx.float32)
 
 
 # ------------------------------------------------------------------ factory
@@ -576,6 +215,15 @@ def _check_shapes(logprobs, advantages, mask, optional: dict) -> None:
                 f"policy_loss: {name} must match logprobs {tuple(logprobs.shape)}; got "
                 f"{name}.shape={tuple(x.shape)}"
             )
+
+
+def _check_sampler_ratio(logprobs, ratio) -> None:
+    N, T = logprobs.shape
+    if ratio is not None and tuple(ratio.shape) not in ((N, T), (N, 1)):
+        raise ValueError(
+            f"policy_loss: sampler_ratio must be [N, T]={(N, T)} or [N, 1]={(N, 1)}; got "
+            f"sampler_ratio.shape={tuple(ratio.shape)}"
+        )
 
 
 def _kl_term(cfg: LossConfig):
@@ -640,11 +288,13 @@ def make_policy_loss(
 
     Returns:
         ``loss_fn(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None,
-        entropies=None, num_items_in_batch=None, entropy_coef=None) -> (loss, metrics)``;
-        see :func:`policy_loss` for the arguments.
+        entropies=None, num_items_in_batch=None, entropy_coef=None, sampling_logprobs=None,
+        sampler_ratio=None) -> (loss, metrics)``; see :func:`policy_loss` for the arguments.
     """
-    log_weights = _LOG_WEIGHTS[cfg.importance_sampling_level]
+    log_weights = LOG_WEIGHTS[cfg.importance_sampling_level]
     row = LOSSES[cfg.loss_type]
+    # VESPO folds the sampler correction into its Gamma weight; other losses multiply by it.
+    weigh_by_sampler = surrogate is not None or cfg.loss_type != "vespo"
     surrogate = surrogate or row.surrogate(cfg)
     reduce = reduction or row.reduction(cfg)
     kl_term = _kl_term(cfg)
@@ -661,18 +311,28 @@ def make_policy_loss(
         entropies=None,
         num_items_in_batch=None,
         entropy_coef=None,
+        sampling_logprobs=None,
+        sampler_ratio=None,
     ):
         optional = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, entropies=entropies)
-        _check_shapes(logprobs, advantages, mask, optional)
+        _check_shapes(
+            logprobs, advantages, mask, {**optional, "sampling_logprobs": sampling_logprobs}
+        )
+        _check_sampler_ratio(logprobs, sampler_ratio)
         t, old = _terms(logprobs, advantages, mask, old_logprobs, log_weights)
+        t = t._replace(sampler_ratio=sampler_ratio)
         per_token, metrics = surrogate(t)
         if off_policy is not None:
-            per_token = per_token * off_policy(t, old)
+            # TRL's mask reads the sampler's own log-probs when another engine sampled.
+            seen = old if sampling_logprobs is None else sampling_logprobs.astype(mx.float32)
+            per_token = per_token * off_policy(t, seen)
         # The entropy bonus acts on the same tokens as the policy term (TRL's effective_mask).
         bonus_mask = t.mask
         if top_entropy is not None:
             bonus_mask = t.mask * top_entropy(entropies, t.mask)
             per_token = per_token * bonus_mask
+        if sampler_ratio is not None and weigh_by_sampler:
+            per_token = per_token * sampler_ratio
         per_token = mx.broadcast_to(per_token, t.mask.shape)
         if kl_term is not None:
             kl = kl_term(t, ref_logprobs)
@@ -706,14 +366,17 @@ def policy_loss(
     entropies: mx.array | None = None,
     num_items_in_batch: mx.array | float | None = None,
     entropy_coef: mx.array | float | None = None,
+    sampling_logprobs: mx.array | None = None,
+    sampler_ratio: mx.array | None = None,
     cfg: LossConfig,
 ) -> tuple[mx.array, Metrics]:
     """GRPO-family policy loss of TRL 1.16 (DeepSeekMath eq. 3 and its descendants).
 
-    .. math:: \\mathcal{L} = \\operatorname{reduce}\\big[m \\cdot (M\\,\\ell(r, A)
+    .. math:: \\mathcal{L} = \\operatorname{reduce}\\big[m \\cdot (M\\,\\rho\\,\\ell(r, A)
               + \\beta\\,\\mathrm{KL}_{k3})\\big] - c_H \\bar H
 
-    where ``M`` is the product of the off-policy and high-entropy masks when enabled.
+    where ``M`` is the product of the off-policy and high-entropy masks when enabled and
+    ``rho`` the sampler correction (``sampler_ratio``, 1 when absent).
 
     Args:
         logprobs: ``[N, T]`` current per-token log-probs (the differentiable input).
@@ -730,6 +393,11 @@ def policy_loss(
             per optimizer step should pass the count divided by ``k``.
         entropy_coef: run-time override of ``cfg.entropy_coef`` (for an adaptive
             controller); passing it enables the bonus even when ``cfg.entropy_coef == 0``.
+        sampling_logprobs: ``[N, T]`` log-probs of a sampler other than the policy (a
+            quantized copy); the off-policy mask reads them instead of ``old_logprobs``.
+        sampler_ratio: ``[N, T]`` or ``[N, 1]`` TRL's sampler-mismatch weight
+            (:func:`grpo.core.importance.sampler_correction`); the per-token loss is
+            multiplied by it (VESPO adds its log to the Gamma weight's ``log w`` instead).
         cfg: the :class:`LossConfig`.
 
     Returns:
@@ -747,123 +415,12 @@ def policy_loss(
         entropies=entropies,
         num_items_in_batch=num_items_in_batch,
         entropy_coef=entropy_coef,
+        sampling_logprobs=sampling_logprobs,
+        sampler_ratio=sampler_ratio,
     )
 
 
 # -------------------------------------------------------------- model level
-
-
-def completion_logprobs(
-    model,
-    params,
-    batch: LossBatch,
-    *,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    prompt_share: int = 1,
-    max_chunk_elements: int = DEFAULT_HEAD_CHUNK_ELEMENTS,
-):
-    """Log-probs of each completion token, with logits only at completion positions.
-
-    .. math:: \\log\\pi_\\theta(c_{i,t} \\mid x_{i, < s_i + t}), \\quad s_i = \\text{completion\\_start}_i
-
-    Runs the model's trunk on ``batch.input_ids``, gathers the hidden states at positions
-    ``s_i - 1 + t`` (the ones that predict completion token ``t``) and applies the model's
-    own head only there (:mod:`grpo.core.lm`), a chunk of positions at a time with the
-    logits recomputed in the backward (:func:`grpo.core.logprobs.head_logprobs`): nothing
-    of size ``[N, T, V]`` is formed in either pass. A model whose trunk/head split was not
-    verified equal to its own forward is scored by that full forward instead (its
-    ``[N, P + T, V]`` logits, then a chunked log-softmax). The one place where the model
-    object meets the parameter arrays.
-
-    Args:
-        model: an mlx-lm causal LM; updated in place with ``params``.
-        params: parameter tree for ``model.update`` (all weights, or only the trainable
-            ones, e.g. LoRA adapters, on top of the frozen rest).
-        batch: a :class:`LossBatch`; needs ``input_ids [N, P+T]``, ``completion_start [N]``
-            (``>= 1``) and ``completion_ids [N, T]``.
-        temperature: log-probs are taken under ``softmax(logits / temperature)``.
-        with_entropy: also return per-token entropies.
-        prompt_share: rows ``j*k .. j*k+k-1`` (``k = prompt_share``) hold the same prompt;
-            with ``k > 1`` each prompt runs once (:mod:`grpo.core.shared_prompt`) when the
-            model supports it, else the packed forward runs. Same result either way.
-        max_chunk_elements: logits elements per head chunk (``positions * V``).
-
-    Returns:
-        ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
-    """
-    model.update(params)
-    N, T = batch.completion_ids.shape
-    # Row i's completion token t sits at s_i + t and is predicted from position s_i + t - 1.
-    pos = batch.completion_start.astype(mx.int32)[:, None] - 1 + mx.arange(T)[None, :]
-    if not split_ok(model):
-        logits = completion_logits(model, batch.input_ids, pos)
-        if with_entropy:
-            return token_logprobs_and_entropy(logits, batch.completion_ids, temperature=temperature)
-        return token_logprobs(logits, batch.completion_ids, temperature=temperature)
-    hidden = _completion_hidden(model, batch, pos, prompt_share)
-    weights = head_parameters(model, hidden)
-    V = _vocab_size(model, hidden)
-    return head_logprobs(
-        make_head_fn(model, [p for p, _ in weights]),
-        hidden,
-        batch.completion_ids,
-        [w for _, w in weights],
-        temperature=temperature,
-        with_entropy=with_entropy,
-        chunk_rows=head_chunk_rows(V, max_chunk_elements),
-    )
-
-
-def _vocab_size(model, hidden: mx.array) -> int:
-    # Shape inference only: the one-position head call below is never evaluated.
-    return head(model, hidden[:1, :1]).shape[-1]
-
-
-def _completion_hidden(model, batch: LossBatch, pos: mx.array, prompt_share: int) -> mx.array:
-    N = batch.completion_ids.shape[0]
-    if can_share(model, N, prompt_share):
-        return shared_prompt_hidden(
-            model,
-            batch.input_ids,
-            batch.completion_start,
-            batch.completion_ids,
-            share=prompt_share,
-        )
-    h = trunk(model)(batch.input_ids)
-    return mx.take_along_axis(h, pos[..., None], axis=1)
-
-
-def lora_reference_params(params):
-    """The LoRA reference policy: the same adapter tree with every ``lora_b`` zeroed.
-
-    With ``lora_b = 0`` each LoRA layer's update ``scale * (x A) B`` is exactly zero, so
-    ``model.update(lora_reference_params(adapters))`` makes the model compute the frozen
-    base weights' outputs. Only adapter-sized zeros are allocated; base weights are shared.
-
-    Args:
-        params: tree holding mlx-lm ``LoRALinear`` adapters (``lora_a``/``lora_b`` leaves).
-
-    Returns:
-        A tree with the same structure.
-
-    Raises:
-        ValueError: if ``params`` has no ``lora_b`` leaf (a full fine-tune needs an explicit
-            reference copy) or holds DoRA magnitudes (``m``), which zeroing cannot undo.
-    """
-    paths = [path for path, _ in tree_flatten(params)]
-    if not any(p.endswith("lora_b") for p in paths):
-        raise ValueError(
-            "lora_reference_params: params has no `lora_b` leaves (got e.g. "
-            f"{paths[:3]}); pass an explicit reference tree for a full fine-tune"
-        )
-    dora = [p for p in paths if p.endswith(".m")]
-    if dora:
-        raise ValueError(
-            f"lora_reference_params: DoRA magnitudes such as {dora[0]!r} cannot be switched "
-            "off by zeroing lora_b; pass an explicit reference tree"
-        )
-    return tree_map_with_path(lambda p, x: mx.zeros_like(x) if p.endswith("lora_b") else x, params)
 
 
 def _reference_logprobs(model, ref_params, batch: LossBatch, cfg: LossConfig):
@@ -934,4 +491,6 @@ def grpo_loss(params, ref_params, batch: LossBatch, *, model, cfg: LossConfig):
         entropies=entropies,
         num_items_in_batch=batch.num_items_in_batch,
         entropy_coef=batch.entropy_coef,
+        sampling_logprobs=batch.sampling_logprobs,
+        sampler_ratio=batch.sampler_ratio,
     )

@@ -8,6 +8,9 @@ loop uses exactly the same ones:
     roll = pad_rollout(roll, max_completion=T)                  # bucketed shapes
     batch = loss_batch(roll, adv.advantages)                    # packed LossBatch
     batch = batch._replace(ref_logprobs=per_micro(logp_fn, ref_params, batch, micro=n))
+    # sampled by a quantized copy (rollout_quantization): float old log-probs, TRL's weight
+    batch = batch._replace(old_logprobs=per_micro(logp_fn, params, batch, micro=n))
+    batch = correct_sampler(batch, roll.logprobs)
     for window in micro_batches(batch, micro=n, K=k):           # [K, n, ...] each
         state, metrics = train_step(state, window)
 """
@@ -20,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 
 from grpo.core.batch import LossBatch, pack
+from grpo.core.importance import sampler_correction
 from grpo.core.rollout import Rollout
 from grpo.core.step import bucket_length
 
@@ -82,6 +86,53 @@ def loss_batch(
         completion_mask=mask,
         advantages=advantages.astype(mx.float32),
     )
+
+
+def correct_sampler(
+    batch: LossBatch,
+    sampling_logprobs: mx.array,
+    *,
+    correction: bool = True,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> LossBatch:
+    """``batch``, sampled by an engine other than its policy, with TRL's correction.
+
+    .. math:: \\rho = \\texttt{sampler\\_correction}(\\log\\pi_{old}, \\log\\pi_{samp}, m)
+
+    TRL 1.16's vLLM importance sampling (``vllm_importance_sampling_*``): the loss
+    multiplies its per-token terms by ``rho`` (:func:`grpo.core.importance.sampler_correction`).
+
+    Args:
+        batch: a :class:`LossBatch` whose ``old_logprobs [N, T]`` come from the float
+            policy at sampling time (never from the sampler).
+        sampling_logprobs: ``[N, T]`` the sampler's log-probs of the same tokens (NaN where
+            it could not score one: ratio 1 there).
+        correction: ``False`` keeps the sampler's log-probs (for the off-policy mask) but
+            applies no weight (TRL's ``vllm_importance_sampling_correction=False``).
+        mode, clip_min, clip_max: TRL's ``vllm_importance_sampling_mode`` and bounds.
+
+    Returns:
+        ``batch`` with ``sampling_logprobs`` and ``sampler_ratio`` (``[N, T]`` for token
+        modes, ``[N, 1]`` for sequence modes; ``None`` without ``correction``).
+    """
+    if batch.old_logprobs is None:
+        raise ValueError(
+            "correct_sampler: batch.old_logprobs is None; compute them with the float "
+            "policy first (per_micro), the correction is pi_old / pi_samp"
+        )
+    ratio = None
+    if correction:
+        ratio = sampler_correction(
+            batch.old_logprobs,
+            sampling_logprobs,
+            batch.completion_mask,
+            mode=mode,
+            clip_min=clip_min,
+            clip_max=clip_max,
+        )
+    return batch._replace(sampling_logprobs=sampling_logprobs, sampler_ratio=ratio)
 
 
 def batch_rows(batch: LossBatch, start: int, stop: int) -> LossBatch:

@@ -518,9 +518,10 @@ def _decode(model, cache, logits, key, prompts, sampling):
     """Sample up to ``max_tokens`` tokens for all ``N`` rows (ids, log-probs ``[N, T]``)."""
     G, T = sampling.group_size, sampling.max_tokens
     rows = mx.repeat(mx.arange(len(prompts)), G)
-    from grpo.core.shared_prompt import prefix_ok  # (it imports this module)
+    from grpo.core.shared_prefix import prefix_sharing_verified  # (it imports this module)
 
-    state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=prefix_ok(model))
+    shared = prefix_sharing_verified(model)
+    state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=shared)
     U = live_u = uniforms(key, len(prompts) * G, T)
     state, lp = _compiled_first(sampling)(logits[rows], state, U[:, 0])
     out = _Segments(len(prompts) * G)

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from grpo.core.loss import lora_reference_params
+from grpo.core.forward import lora_reference_params
 from grpo.io.fast_attention import install_fast_kernels
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -246,11 +246,11 @@ def check_supported(model: nn.Module, cfg: Any) -> None:
 
     Also verifies (and records) whether the chunked-head training forward reproduces the
     model's own logits (:func:`grpo.core.lm.check_split`) and whether prompts can be
-    shared (:func:`grpo.core.shared_prompt.check_prefix_sharing`); when they cannot, the
+    shared (:func:`grpo.core.shared_prefix.check_prefix_sharing`); when they cannot, the
     model's own full forward / the packed rows are used, never an approximation.
     """
     from grpo.core.lm import check_split
-    from grpo.core.shared_prompt import check_prefix_sharing
+    from grpo.core.shared_prefix import check_prefix_sharing
 
     name = model_type(model)
     if getattr(cfg, "router_aux_loss_coef", 0.0):

@@ -27,11 +27,12 @@ CHAT_TEMPLATE = (
 )
 
 # name -> (hidden, layers, heads, kv_heads, intermediate, vocab); parameter counts with
-# tied embeddings: test ~0.37M, tiny ~3.2M, small ~28M.
+# tied embeddings: test ~0.37M, tiny ~3.2M, small ~28M, medium ~168M (benchmarks only).
 SIZES = {
     "test": (128, 2, 4, 2, 352, 128),
     "tiny": (256, 4, 8, 4, 704, 1024),
     "small": (512, 8, 8, 4, 1408, 8192),
+    "medium": (1024, 12, 16, 4, 2816, 32000),
 }
 
 
@@ -65,7 +66,13 @@ def build_tokenizer(path: str | Path) -> None:
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
-def model_config(size: str = "tiny", *, model_type: str = "llama", vocab_size=None) -> dict:
+def model_config(
+    size: str = "tiny",
+    *,
+    model_type: str = "llama",
+    vocab_size=None,
+    max_position_embeddings: int = 2048,
+) -> dict:
     hidden, layers, heads, kv_heads, inter, vocab = SIZES[size]
     vocab = max(vocab_size or vocab, len(tokenizer_vocab()))
     return {
@@ -78,7 +85,7 @@ def model_config(size: str = "tiny", *, model_type: str = "llama", vocab_size=No
         "num_key_value_heads": kv_heads,
         "rms_norm_eps": 1e-6,
         "vocab_size": vocab,
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": max_position_embeddings,
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
         "eos_token_id": tokenizer_vocab()["<|im_end|>"],
@@ -108,13 +115,17 @@ def build_tiny_model(
     seed: int = 0,
     model_type: str = "llama",
     vocab_size: int | None = None,
+    max_position_embeddings: int = 2048,
 ) -> Path:
     """Write a seeded mlx-lm model directory loadable by ``mlx_lm.load(path)``."""
     import importlib
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = model_config(size, model_type=model_type, vocab_size=vocab_size)
+    config = model_config(
+        size, model_type=model_type, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+    )  # fmt: skip
     arch = importlib.import_module(f"mlx_lm.models.{model_type}")
     model = arch.Model(arch.ModelArgs.from_dict(config))
     weights = seeded_weights(model, seed)

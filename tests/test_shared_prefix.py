@@ -1,4 +1,4 @@
-"""The shared-prompt training forward equals the packed forward (values and gradients)."""
+"""The shared-prefix training forward equals the packed forward (values and gradients)."""
 
 import grpo  # noqa: F401, I001  (fast BLAS before mlx)
 import grpo.core.rollout
@@ -13,7 +13,7 @@ from mlx_lm.models import llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from grpo.config import GRPOConfig
-from grpo.core import shared_prompt
+from grpo.core import shared_prefix
 from grpo.core.batch import LossBatch, pack
 from grpo.core.loss import LossConfig, completion_logprobs, grpo_loss
 from grpo.io.fast_attention import install_fast_kernels
@@ -56,7 +56,7 @@ def test_logprobs_and_gradients_match_the_packed_forward(model, lengths, G, T, s
     batch = _batch(lengths, G, P=9, T=T, seed=seed)
     params = model.trainable_parameters()
     N = batch.completion_ids.shape[0]
-    assert shared_prompt.can_share(model, N, G)
+    assert shared_prefix.can_share_prefix(model, N, G)
     w = mx.arange(T, dtype=mx.float32) - 1.5
 
     def objective(p, share):
@@ -115,11 +115,12 @@ def test_grpo_loss_with_lora_and_a_reference_matches(tiny_model_dir):
 
 def test_falls_back_where_it_cannot_share(tiny_model_dir, model):
     batch = _batch([4, 2], G=4, P=5, T=3, seed=1)
-    assert not shared_prompt.can_share(model, 8, 1)
-    assert not shared_prompt.can_share(model, 8, 3)  # 8 rows are not blocks of 3
+    assert not shared_prefix.can_share_prefix(model, 8, 1)
+    assert not shared_prefix.can_share_prefix(model, 8, 3)  # 8 rows are not blocks of 3
     install_fast_kernels(llama, enabled=False)
     try:
-        assert not shared_prompt.can_share(model, 8, 4)  # mlx-lm's attention: no prefix caches
+        # mlx-lm's attention: no prefix caches
+        assert not shared_prefix.can_share_prefix(model, 8, 4)
         plain = completion_logprobs(model, model.parameters(), batch, prompt_share=4)
     finally:
         install_fast_kernels(llama)
@@ -130,7 +131,7 @@ def test_falls_back_where_it_cannot_share(tiny_model_dir, model):
     )
     checkpointed, _ = mlx_lm.load(str(tiny_model_dir))
     enable_gradient_checkpointing(checkpointed)
-    assert not shared_prompt.can_share(checkpointed, 8, 4)
+    assert not shared_prefix.can_share_prefix(checkpointed, 8, 4)
 
 
 def test_models_with_other_caches_keep_the_packed_forward(tiny_model_dir):
@@ -143,7 +144,7 @@ def test_models_with_other_caches_keep_the_packed_forward(tiny_model_dir):
     SlidingModel.__module__ = llama.__name__  # same attention module, so kernels apply
     m = SlidingModel(mlx_lm.load(str(tiny_model_dir))[0].args)
     assert grpo.core.rollout.shares_prefix(m)
-    assert not shared_prompt.can_share(m, 8, 4)
+    assert not shared_prefix.can_share_prefix(m, 8, 4)
 
 
 @pytest.mark.parametrize("micro, G, want", [(8, 8, 8), (4, 8, 4), (12, 8, 4), (6, 4, 2), (3, 8, 1)])
@@ -152,3 +153,25 @@ def test_config_prompt_share_is_the_gcd(micro, G, want):
                      generation_batch_size=max(micro, G) * 2 * (micro // np.gcd(micro, G)))  # fmt: skip
     assert cfg.prompt_share == want
     assert cfg.to_loss_config().prompt_share == want
+
+
+def test_the_old_shared_prompt_names_still_import_with_a_warning():
+    import grpo.core.kv_cache as kv_cache
+    import grpo.core.shared_prompt as old
+
+    for name, new in [
+        ("can_share", shared_prefix.can_share_prefix),
+        ("prefix_ok", shared_prefix.prefix_sharing_verified),
+        ("shared_prompt_hidden", shared_prefix.shared_prefix_hidden),
+        ("check_prefix_sharing", shared_prefix.check_prefix_sharing),
+        ("PromptRecorder", kv_cache.PrefixRecorder),
+        ("SharedPromptCache", kv_cache.SharedPrefixTrainCache),
+    ]:
+        with pytest.warns(DeprecationWarning, match=f"shared_prompt.{name} is deprecated"):
+            assert getattr(old, name) is new
+    for name, new in [("PromptRecorder", kv_cache.PrefixRecorder),
+                      ("SharedPromptCache", kv_cache.SharedPrefixTrainCache)]:  # fmt: skip
+        with pytest.warns(DeprecationWarning, match=f"kv_cache.{name} is deprecated"):
+            assert getattr(kv_cache, name) is new
+    with pytest.raises(AttributeError, match="no_such_name"):
+        old.no_such_name  # noqa: B018
