@@ -8,12 +8,22 @@ hits all engines alike; the median is reported as tokens/s (completion tokens / 
 prefill included). Ratios per CPU-second (process CPU time, all threads) are printed too:
 on a machine shared with other jobs they are steadier than wall-clock ratios.
 
-    .venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3]
+    .venv/bin/python bench/rollout.py [--sizes tiny small] [--batches 1 4] [--repeats 3] \
+        [--hf-python .venv-trl/bin/python]
+    .venv/bin/python bench/rollout.py --breakdown [--sizes tiny small] [--hf-python ...]
     .venv/bin/python bench/rollout.py --realistic [--sizes tiny small] [--slots 16 32 64]
+
+``--hf-python``: a Python with torch and transformers runs transformers' ``generate``
+(bench/peers/hf_generate.py, a persistent worker process loading the same directory with
+``AutoModelForCausalLM``, float32, as many threads as grpo's BLAS: ``OPENBLAS_NUM_THREADS``
+or 2, set as ``OMP/OPENBLAS/MKL_NUM_THREADS`` and ``torch.set_num_threads``) as one more
+interleaved engine; its times are measured inside the worker around the ``generate``
+call. ``--breakdown``: at B = 1, where one rollout of grpo and one ``generate`` go
+(prefill, decode per token, forward + sampling, sampling alone, the rest).
 
 ``--realistic``: B = 8 prompts x G = 8 rows, at most 256 tokens, each row's length pre-drawn
 from a long-tailed (log-normal) distribution and enforced in every engine: grpo's
-continuous-batching engine (``rollout_continuous``, EOS forced at the drawn position,
+continuous-batching engine (``decode_continuous``: each row stops at its drawn length,
 ``S`` decode slots) and mlx-lm's ``BatchGenerator`` given all 64 rows (each row's drawn
 length as its ``max_tokens``). mlx-lm-lora's ``generate_grpo`` takes one length for all
 rows, so it cannot run this workload. tokens/s = generated tokens / wall time.
@@ -131,6 +141,55 @@ def engine_mlx_lm_lora(model, tokenizer, prompts, seed):
     return n
 
 
+class HFWorker:
+    """transformers' ``generate`` in a separate Python (bench/peers/hf_generate.py), one
+    persistent process per model directory so its turns interleave with the others."""
+
+    def __init__(self, python: str, model_dir: str, threads: int | None = None):
+        import json
+        import subprocess
+
+        self._json = json
+        # As many threads as grpo's BLAS gets (OPENBLAS_NUM_THREADS, else OpenBLAS's 2 here).
+        threads = threads or int(os.environ.get("OPENBLAS_NUM_THREADS", "2"))
+        env = {**os.environ, **{v: str(threads) for v in THREAD_VARS}}
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", "hf_generate.py")
+        self.proc = subprocess.Popen(
+            [python, script, model_dir, "--threads", str(threads)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"hf_generate.py exited ({self.proc.wait()})")
+        return self._json.loads(line)
+
+    def ask(self, op: str, prompts, seed: int, tokens: int = T) -> dict:
+        req = {"op": op, "prompts": prompts, "seed": seed, "G": G, "tokens": tokens}
+        self.proc.stdin.write(self._json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def engine_transformers(worker: HFWorker):
+    """transformers' generate of the B*G rows; times come from the worker (its own process)."""
+
+    def run(model, tokenizer, prompts, seed):
+        r = worker.ask("generate", prompts, seed)
+        return r["n"], r["wall"], r["cpu"]
+
+    return run
+
+
 _QUANTIZED: dict = {}
 
 
@@ -213,8 +272,11 @@ def bench_one(model, tokenizer, B, engines, repeats):
         for name, fn in engines.items():
             tic, cpu_tic = time.perf_counter(), time.process_time()
             n = fn(model, tokenizer, prompts, rep + 1)
-            wall[name].append(n / (time.perf_counter() - tic))
-            cpu[name].append(n / (time.process_time() - cpu_tic))
+            took, took_cpu = time.perf_counter() - tic, time.process_time() - cpu_tic
+            if isinstance(n, tuple):  # an engine in another process reports its own times
+                n, took, took_cpu = n
+            wall[name].append(n / took)
+            cpu[name].append(n / took_cpu)
     med = statistics.median
     return {n: med(v) for n, v in wall.items()}, {n: med(v) for n, v in cpu.items()}
 
@@ -312,25 +374,121 @@ def bench_realistic(sizes, repeats, slot_choices):
     engines["mlx-lm BatchGenerator"] = realistic_mlx_lm
     rng = np.random.default_rng(RB)
     prompts = [rng.integers(3, 97, size=P).tolist() for _ in range(RB)]
-    print("| model | " + " | ".join(f"{n} tok/s" for n in engines) + " | best grpo / mlx-lm |")
-    print("|" + "---|" * (len(engines) + 2))
+    print("| model | " + " | ".join(f"{n} tok/s" for n in engines)
+          + " | best grpo / mlx-lm | per CPU-s: best grpo / mlx-lm |")  # fmt: skip
+    print("|" + "---|" * (len(engines) + 3))
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
             model, tokenizer = mlx_lm.load(str(path))
-            wall = {n: [] for n in engines}
+            wall, cpu = {n: [] for n in engines}, {n: [] for n in engines}
             for fn in engines.values():
                 fn(model, tokenizer, prompts, lengths, 0)
             for rep in range(repeats):
                 for name, fn in engines.items():
-                    tic = time.perf_counter()
+                    tic, cpu_tic = time.perf_counter(), time.process_time()
                     n = fn(model, tokenizer, prompts, lengths, rep + 1)
                     assert n == lengths.sum(), (name, n, lengths.sum())
                     wall[name].append(n / (time.perf_counter() - tic))
-            med = {n: statistics.median(v) for n, v in wall.items()}
-            best = max(v for n, v in med.items() if n.startswith("grpo"))
-            cells = " | ".join(f"{med[n]:.0f}" for n in engines)
-            print(f"| {size} | {cells} | {best / med['mlx-lm BatchGenerator']:.2f}x |", flush=True)
+                    cpu[name].append(n / (time.process_time() - cpu_tic))
+            cells = " | ".join(f"{statistics.median(wall[n]):.0f}" for n in engines)
+            ratios = []
+            for d in (wall, cpu):
+                med = {n: statistics.median(v) for n, v in d.items()}
+                best = max(v for n, v in med.items() if n.startswith("grpo"))
+                ratios.append(f"{best / med['mlx-lm BatchGenerator']:.2f}x")
+            print(f"| {size} | {cells} | {' | '.join(ratios)} |", flush=True)
+
+
+def grpo_breakdown(model, prompts, repeats):
+    """Where one grpo rollout of ``prompts`` (G rows each, T tokens) goes, as in
+    bench/peers/hf_generate.py's breakdown: total, prefill, decode per token; ``call`` =
+    the compiled step's Python call (argument flattening, trace lookup, graph build),
+    ``compute`` = its evaluation (forward + sampling), ``sampling`` = the sampler alone on
+    the rows' logits, ``other`` = decode - call - compute (the loop's own bookkeeping)."""
+    from grpo.core import rollout as R
+    from grpo.core.sampling import make_uniform_sample_fn
+    from grpo.core.shared_prefix import prefix_sharing_verified
+
+    install_fast_kernels(model, enabled=True)
+    cfg = SamplingConfig(group_size=G, max_tokens=T, temperature=1.0, eos_ids=())
+    params, lengths = model.parameters(), [len(p) for p in prompts]
+    rows = mx.repeat(mx.arange(len(prompts)), G)
+    step = R._compiled_step(model, cfg)
+    res = {k: [] for k in ("total", "prefill", "call", "compute", "sampling")}
+    for rep in range(repeats + 1):  # the first round traces
+        tic = time.perf_counter()
+        engine_rollout(model, None, prompts, rep)
+        total = time.perf_counter() - tic
+        tic = time.perf_counter()
+        cache, logits = R._prefill(model, prompts, lengths)
+        state = R._initial_state(
+            cache, prompts, cfg, logits.shape[-1], shared=prefix_sharing_verified(model)
+        )
+        U = R.uniforms(mx.random.key(rep), len(rows), T)
+        state, lp = R._compiled_first(cfg)(logits[rows], state, U[:, 0])
+        mx.eval(state, lp)
+        prefill = time.perf_counter() - tic
+        P, calls, computes = cache[0].size(), [], []
+        for t in range(1, T):
+            state = R._grow(state, P + t - 1)
+            t0 = time.perf_counter()
+            state, lp = step(params, state, mx.array(P + t - 1, dtype=mx.int32), U[:, t])
+            t1 = time.perf_counter()
+            mx.eval(state, lp)
+            calls.append(t1 - t0)
+            computes.append(time.perf_counter() - t1)
+        sample = mx.compile(make_uniform_sample_fn(cfg))
+        z = mx.random.normal((len(rows), logits.shape[-1]))
+        no_seen = mx.zeros((1, 1), mx.bool_)
+        mx.eval(sample(z, no_seen, U[:, 0]))
+        tic = time.perf_counter()
+        for t in range(T):
+            mx.eval(sample(z, no_seen, U[:, t]))
+        if rep:
+            res["total"].append(total)
+            res["prefill"].append(prefill)
+            res["call"].append(statistics.median(calls))
+            res["compute"].append(statistics.median(computes))
+            res["sampling"].append((time.perf_counter() - tic) / T)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    med["decode"] = (med["total"] - med["prefill"]) / (T - 1)
+    med["other"] = med["decode"] - med["call"] - med["compute"]
+    return med
+
+
+def print_breakdown(sizes, repeats, hf_python):
+    # B = 1: one 128-token prompt, G = 8 rows of exactly T tokens.
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 97, size=P).tolist()]
+    print("| model | engine | total ms | prefill ms | decode ms/token | of which: Python call | "
+          "forward + sampling | sampling | other |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
+            model, _ = mlx_lm.load(str(path))
+            worker = HFWorker(hf_python, str(path)) if hf_python else None
+            try:
+                rounds = {"grpo rollout": [], "transformers generate": []}
+                for rep in range(repeats):  # interleaved rounds
+                    rounds["grpo rollout"].append(grpo_breakdown(model, prompts, 1))
+                    if worker:
+                        worker.ask("breakdown", prompts, 0)  # warm-up
+                        r = worker.ask("breakdown", prompts, rep + 1)
+                        r["call"], r["compute"] = float("nan"), r["forward"] + r["sampling"]
+                        rounds["transformers generate"].append(r)
+            finally:
+                if worker:
+                    worker.close()
+            for name, rs in rounds.items():
+                if not rs:
+                    continue
+                m = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                cells = [m["total"], m["prefill"], m["decode"], m["call"], m["compute"],
+                         m["sampling"], m["other"]]  # fmt: skip
+                text = " | ".join("n/a" if c != c else f"{1e3 * c:.2f}" for c in cells)
+                print(f"| {size} | {name} | {text} |", flush=True)
 
 
 def main():
@@ -344,6 +502,12 @@ def main():
     ap.add_argument("--realistic", action="store_true",
                     help="only the realistic workload (B=8, G=8, <= 256 tokens, long-tailed)")  # fmt: skip
     ap.add_argument("--slots", nargs="+", type=int, default=[16, 32, 64])
+    ap.add_argument("--hf-python", metavar="PYTHON",
+                    help="a Python with torch + transformers: adds transformers' generate "
+                         "(bench/peers/hf_generate.py, grpo's thread count) as an engine")  # fmt: skip
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the per-token breakdown at B = 1 (grpo, and transformers with "
+                         "--hf-python)")  # fmt: skip
     ap.add_argument("--quantization", nargs="+", type=int, default=None, metavar="BITS",
                     help="only float vs quantized-copy rollout (rollout_quantization), e.g. 8 4")  # fmt: skip
     args = ap.parse_args()
@@ -351,12 +515,19 @@ def main():
         bench_quantization(args.sizes, args.batches, args.quantization, args.repeats)
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return
+    shape = "" if args.realistic else f"G={G} T={T} P={P} "
+    print(f"{shape}blas={grpo.blas_info()['backend']} cpus={os.cpu_count()} "
+          f"load={os.getloadavg()[0]:.2f}")  # fmt: skip
     if args.realistic:
-        print(f"blas={grpo.blas_info()['backend']} load={os.getloadavg()[0]:.2f}")
         bench_realistic(args.sizes, args.repeats, args.slots)
-        print(f"load after: {os.getloadavg()[0]:.2f}")
-        return
+    elif args.breakdown:
+        print_breakdown(args.sizes, args.repeats, args.hf_python)
+    else:
+        bench_fixed(args)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
 
+
+def bench_fixed(args):
     engines = {"rollout": engine_rollout, "mlx-lm": engine_mlx_lm}
     if args.ab:
         engines["rollout, mlx kernels"] = engine_rollout_mlx_kernels
@@ -365,25 +536,31 @@ def main():
         engines["mlx-lm-lora"] = engine_mlx_lm_lora
     else:
         print(f"mlx-lm-lora skipped (install the `bench` extra): {why}")
-    print(f"G={G} T={T} P={P} blas={grpo.blas_info()['backend']} cpus={os.cpu_count()} "
-          f"load={os.getloadavg()[0]:.2f}")  # fmt: skip
-    header = ("| model | B | " + " | ".join(f"{n} tok/s" for n in engines)
-              + " | vs mlx-lm | vs mlx-lm-lora | per CPU-s: vs mlx-lm | vs mlx-lm-lora |")  # fmt: skip
+    peers = ["mlx-lm", "mlx-lm-lora"] + (["transformers"] if args.hf_python else [])
+    names = list(engines) + (["transformers"] if args.hf_python else [])
+    header = ("| model | B | " + " | ".join(f"{n} tok/s" for n in names) + " | "
+              + " | ".join(f"vs {o}" for o in peers) + " | per CPU-s: "
+              + " | ".join(f"vs {o}" for o in peers) + " |")  # fmt: skip
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             path = build_tiny_model(os.path.join(tmp, size), size=size, seed=0)
             model, tokenizer = mlx_lm.load(str(path))
-            for B in args.batches:
-                tps, cps = bench_one(model, tokenizer, B, engines, args.repeats)
-                ratios = [f"{d['rollout'] / d[o]:.2f}x" if o in d else "skipped"
-                          for d in (tps, cps) for o in ("mlx-lm", "mlx-lm-lora")]  # fmt: skip
-                cells = " | ".join(f"{tps[n]:.0f}" for n in engines)
-                print(f"| {size} | {B} | {cells} | {' | '.join(ratios)} |", flush=True)
+            worker = HFWorker(args.hf_python, str(path)) if args.hf_python else None
+            arms = {**engines, **({"transformers": engine_transformers(worker)} if worker else {})}
+            try:
+                for B in args.batches:
+                    tps, cps = bench_one(model, tokenizer, B, arms, args.repeats)
+                    ratios = [f"{d['rollout'] / d[o]:.2f}x" if o in d else "skipped"
+                              for d in (tps, cps) for o in peers]  # fmt: skip
+                    cells = " | ".join(f"{tps[n]:.0f}" for n in arms)
+                    print(f"| {size} | {B} | {cells} | {' | '.join(ratios)} |", flush=True)
+            finally:
+                if worker:
+                    worker.close()
             if size == "tiny" and not args.no_compaction:
                 bench_compaction(model, args.repeats)
-    print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

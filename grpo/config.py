@@ -90,6 +90,10 @@ def _script_field(default: Any) -> Any:
 
 _VLLM = "vLLM is CUDA-only; mlx-grpo generates with its own mlx-lm rollout"
 _GENERATE = "a transformers generate() option; mlx-grpo's rollout always batches and caches"
+_CONTINUOUS = (
+    "transformers' continuous-batching engine; mlx-grpo's own continuous batching is set "
+    "with rollout_slots"
+)
 _DIST = (
     "a PyTorch distributed (accelerate, DDP, FSDP, DeepSpeed) option; mlx-grpo scales out "
     "with mx.distributed and mlx.launch (docs/distributed.md)"
@@ -149,6 +153,7 @@ _HELP: dict[str, str] = {
     "top_k": "Keep the k most likely tokens (0 = off).",
     "min_p": "Drop tokens below `min_p` times the top probability (`None` = off).",
     "repetition_penalty": "CTRL repetition penalty over prompt and completion (1.0 = off).",
+    "rollout_slots": "Decode width: at most this many completions are decoded at once. A generation batch with more rows (prompts x `num_generations`) goes through continuous batching, each finished row's slot refilled with the next row; the completions are the same for the same seed, decode memory follows the slots (`None`: all rows at once).",
     "max_tool_calling_iterations": "Most rounds of tool calls per completion (`None`: until the budget is spent).",
     "tool_call_format": "Tool-call format: hermes, llama3 or mistral (`None`: detected from the chat template).",
     "rollout_quantization": "Sample rollouts from a copy of the policy quantized to 8 or 4 bits (mlx affine), LoRA merged first and re-quantized from the current weights before every rollout; old log-probs and the loss stay float and the mismatch is corrected by the `vllm_importance_sampling_*` fields (`None`: sample from the policy itself).",
@@ -367,6 +372,9 @@ class GRPOConfig:
     top_k: int = 0
     min_p: float | None = None
     repetition_penalty: float = 1.0
+    # Rows decoded at once; more rows per generation batch go through continuous batching
+    # (grpo.core.continuous). None: all rows at once.
+    rollout_slots: int | None = None
     max_tool_calling_iterations: int | None = None
     tool_call_format: str | None = None
     # Sample from a quantized copy of the policy (grpo.core.quantize); the loss corrects the
@@ -484,8 +492,8 @@ class GRPOConfig:
     vllm_gpu_memory_utilization: float = _ignored(0.3, _VLLM)
     vllm_max_model_length: int | None = _ignored(None, _VLLM)
     vllm_tensor_parallel_size: int = _ignored(1, _VLLM)
-    use_transformers_continuous_batching: bool = _ignored(False, _GENERATE)
-    transformers_continuous_batching_config: dict | None = _ignored(None, _GENERATE)
+    use_transformers_continuous_batching: bool = _ignored(False, _CONTINUOUS)
+    transformers_continuous_batching_config: dict | None = _ignored(None, _CONTINUOUS)
     use_transformers_paged: bool = _ignored(False, _GENERATE)
     cache_implementation: str | None = _ignored(None, _GENERATE)
     ds3_gather_for_generation: bool = _ignored(True, _DIST)
@@ -837,6 +845,8 @@ def _check_generation(cfg: GRPOConfig, errors: _Errors):
     )
     if cfg.pad_to_multiple_of is not None:
         _positive_int(errors, cfg, "pad_to_multiple_of")
+    if cfg.rollout_slots is not None:
+        _positive_int(errors, cfg, "rollout_slots")
     if cfg.max_tool_calling_iterations is not None:
         _positive_int(errors, cfg, "max_tool_calling_iterations", minimum=0)
     errors.check(

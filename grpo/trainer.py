@@ -38,6 +38,7 @@ from grpo.config import GRPOConfig
 from grpo.core import distributed as D
 from grpo.core.advantages import make_advantages
 from grpo.core.batch import LossBatch
+from grpo.core.continuous import continuous_sampler
 from grpo.core.controllers import (
     applied_entropy_coef,
     sync_reference,
@@ -696,7 +697,9 @@ class GRPOTrainer:
             )
         else:
             params, model = self.rollout_policy()
-            roll = rollout(params, key, prompts.prompt_ids, model=model, sampling=self.sampling)
+            rows = len(prompts.prompt_ids) * self.sampling.group_size
+            sample = continuous_sampler(model, rows, slots=self.args.rollout_slots) or rollout
+            roll = sample(params, key, prompts.prompt_ids, model=model, sampling=self.sampling)
             out, tool_mask, prompt_list, columns = None, None, prompts.prompts, prompts.columns
         adv, metrics, table = self._score(
             prompt_list,

@@ -428,6 +428,21 @@ def test_compaction_matches_full_batch_greedy(model_tok, prompts, monkeypatch):
         np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
 
 
+def test_compaction_changes_no_sampled_row(model_tok, prompts, monkeypatch):
+    # Row r draws token t with U[r, t] whichever rows share its step.
+    from grpo.core import rollout as R
+
+    model, _ = model_tok
+    kw = dict(group_size=4, max_tokens=24, eos_ids=tuple(range(3, 14)), repetition_penalty=1.2)
+    compacted = _run(model, prompts, key=0, **kw)
+    monkeypatch.setattr(R, "FILTER_FRACTION", 0.0)
+    full = _run(model, prompts, key=0, **kw)
+    lengths = np.array(compacted.completion_lengths)
+    assert (lengths <= 8).mean() > 0.5 and lengths.max() > 8  # compaction did happen
+    for x, y in zip(compacted, full, strict=True):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
+
+
 def test_no_retrace_after_warm_up(model_tok):
     from grpo.core import rollout as R
 

@@ -27,7 +27,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.cache import BatchKVCache, CacheList, KVCache, make_prompt_cache
 
 from grpo.core.kv_cache import FixedBatchKVCache, SharedPrefixKVCache
-from grpo.core.sampling import SamplingConfig, make_sample_fn
+from grpo.core.sampling import SamplingConfig, make_uniform_sample_fn
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this
 PREFILL_CHUNK = 512  # prompt tokens per prefill call
@@ -179,7 +179,8 @@ def _rollout_per_prompt(model, prompts, key, sampling):
     G, T = sampling.group_size, sampling.max_tokens
     first = _compiled_first(sampling)
     toks, lps = [], []
-    for prompt, k in zip(prompts, mx.random.split(key, len(prompts)), strict=True):
+    U = uniforms(key, len(prompts) * G, T)
+    for b, prompt in enumerate(prompts):
         cache = make_prompt_cache(model)
         ids = mx.array(prompt, dtype=mx.int32)[None]
         n = len(prompt)
@@ -189,12 +190,12 @@ def _rollout_per_prompt(model, prompts, key, sampling):
         logits = model(ids[:, n - 1 :], cache=cache)[:, -1, :]
         fork_cache(cache, G)
         state = _row_state([prompt], sampling, logits.shape[-1])
-        step_keys = mx.random.split(k, T)
+        u = U[b * G : (b + 1) * G]
         rows_t, rows_lp = [], []
         for t in range(T):
             if t:
                 logits = model(state.tokens[:, None], cache=cache)[:, -1, :]
-            state, lp = first(mx.broadcast_to(logits, (G, logits.shape[-1])), state, step_keys[t])
+            state, lp = first(mx.broadcast_to(logits, (G, logits.shape[-1])), state, u[:, t])
             rows_t.append(state.tokens)
             rows_lp.append(lp)
             mx.eval(state, lp, [c.state for c in cache])
@@ -206,6 +207,16 @@ def _rollout_per_prompt(model, prompts, key, sampling):
     steps = max(x.shape[1] for x in toks)
     pad = lambda x: mx.pad(x, [(0, 0), (0, steps - x.shape[1])])  # noqa: E731
     return mx.concatenate([pad(x) for x in toks]), mx.concatenate([pad(x) for x in lps])
+
+
+def uniforms(key: mx.array, N: int, T: int) -> mx.array:
+    """``U [N, T]`` in ``(0, 1]``: row ``r`` draws its token ``t`` with ``U[r, t]``.
+
+    Every decode path keys a row's draws by row and step this way, so a row's tokens do
+    not depend on which rows share its batch: compaction, continuous batching
+    (:mod:`grpo.core.continuous`) and per-prompt decoding give the same completions.
+    """
+    return 1.0 - mx.random.uniform(shape=(N, T), key=key)
 
 
 def _row_state(prompts, sampling, V) -> DecodeState:
@@ -333,9 +344,9 @@ def _compiled_step(model, sampling: SamplingConfig):
 
 
 def _make_step(model_ref, sampling):
-    sample = make_sample_fn(sampling)
+    sample = make_uniform_sample_fn(sampling)
 
-    def step(params, state: DecodeState, pos, key):
+    def step(params, state: DecodeState, pos, u):
         TRACES[0] += 1
         model = model_ref()
         model.update(params)
@@ -352,7 +363,7 @@ def _make_step(model_ref, sampling):
                 for k, v in zip(state.keys, state.values, strict=True)
             ]
         logits = model(state.tokens[:, None], cache=cache)[:, -1, :]
-        tokens, logprobs = sample(logits, state.seen, key)
+        tokens, logprobs = sample(logits, state.seen, u)
         state = _advance(state, tokens, sampling)
         keys, values = [c.keys for c in cache], [c.values for c in cache]
         return state._replace(keys=keys, values=values), logprobs
@@ -373,10 +384,10 @@ def _advance(state: DecodeState, tokens: mx.array, sampling: SamplingConfig) -> 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_first(sampling: SamplingConfig):
-    sample = make_sample_fn(sampling)
+    sample = make_uniform_sample_fn(sampling)
 
-    def first(logits, state: DecodeState, key):
-        tokens, logprobs = sample(logits, state.seen, key)
+    def first(logits, state: DecodeState, u):
+        tokens, logprobs = sample(logits, state.seen, u)
         return _advance(state, tokens, sampling), logprobs
 
     return mx.compile(first)
@@ -511,8 +522,8 @@ def _decode(model, cache, logits, key, prompts, sampling):
 
     shared = prefix_sharing_verified(model)
     state = _initial_state(cache, prompts, sampling, logits.shape[-1], shared=shared)
-    step_keys = mx.random.split(key, T)
-    state, lp = _compiled_first(sampling)(logits[rows], state, step_keys[0])
+    U = live_u = uniforms(key, len(prompts) * G, T)
+    state, lp = _compiled_first(sampling)(logits[rows], state, U[:, 0])
     out = _Segments(len(prompts) * G)
     out.add(state.tokens, lp)
     params = model.parameters()  # the full tree, so nothing is baked into the compiled step
@@ -520,7 +531,7 @@ def _decode(model, cache, logits, key, prompts, sampling):
     P = cache[0].size()
     for t in range(1, T):
         state = _grow(state, P + t - 1)
-        state, lp = step(params, state, mx.array(P + t - 1, dtype=mx.int32), step_keys[t])
+        state, lp = step(params, state, mx.array(P + t - 1, dtype=mx.int32), live_u[:, t])
         out.add(state.tokens, lp)
         # A blocking eval with no other reference to last step's buffers lets slice_update
         # write the KV cache in place; async_eval here would copy every buffer every step.
@@ -532,6 +543,7 @@ def _decode(model, cache, logits, key, prompts, sampling):
             state, new_rows = _compact(state, out.rows, ended)
             if new_rows is not out.rows:
                 out.cut(new_rows)
+                live_u = U[mx.array(np.maximum(new_rows, 0))]  # the kept rows' own draws
     return out.result()
 
 
