@@ -33,6 +33,16 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def lora_config():
+    """The peers' LoRA: rank 8 on every linear layer of the Llama blocks (as grpo's)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+
+
 def digit_reward(completions, **_):
     return digit_fraction(completions)
 
@@ -65,14 +75,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     rss_after_load = _rss_mib()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        )  # fmt: skip
+    peft_config = lora_config() if args.lora else None
 
     class Timer(TrainerCallback):
         def __init__(self):

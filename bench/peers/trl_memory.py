@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This script's own directory is on sys.path when it runs as a script.
+from trl_grpo import lora_config  # noqa: E402
 from workload import PROMPT_CHARS, G, digit_fraction, memory_rows, prompt_texts  # noqa: E402
 
 
@@ -56,14 +58,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     rss_load = _rss_mib()
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        )  # fmt: skip
+    peft_config = lora_config() if args.lora else None
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(
             output_dir=out, num_generations=G, max_completion_length=T,
