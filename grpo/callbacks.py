@@ -13,6 +13,7 @@ take ``(args, state, control, **kwargs)``), called exactly as transformers' Trai
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -40,9 +41,13 @@ class TrainerState:
     ``save_steps``, ``train_batch_size``, ``is_world_process_zero``. The traced
     :class:`grpo.core.state.TrainState` is ``train``; its fields ``params``, ``opt_state``,
     ``key`` and ``step`` read through.
+
+    ``train`` is read from ``read_train`` at every access, so a callback that keeps this
+    object sees the live state, and the object itself never holds an old state's arrays
+    (which would keep a whole copy of the parameters and optimizer moments alive).
     """
 
-    train: TrainState
+    read_train: Callable[[], TrainState] = attrs.field(repr=False)
     max_steps: int = 0
     epoch: float = 0.0
     log_history: list[dict] = attrs.Factory(list)
@@ -56,6 +61,10 @@ class TrainerState:
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
     max_completion_length: int | None = None  # for length-aware rewards (trainer_state=)
+
+    @property
+    def train(self) -> TrainState:
+        return self.read_train()
 
     @property
     def global_step(self) -> int:

@@ -309,7 +309,7 @@ class GRPOTrainer:
         self._init_training()
         self.num_tokens = 0
         self._state_view = TrainerState(
-            self.train_state,
+            lambda: self.train_state,
             max_steps=self.max_steps,
             num_train_epochs=args.num_train_epochs,
             logging_steps=self.flow.logging_steps,
@@ -434,6 +434,9 @@ class GRPOTrainer:
             else self._custom_optimizer
         )
         self.train_state: TrainState = init_state(self.policy.params, self.optimizer, key=key_run)
+        # From here on the state holds the trainable parameters; the policy keeping the
+        # initial tree would pin a stale copy of every trained weight for the whole run.
+        self.policy = attrs.evolve(self.policy, params=None)
         self.sampling = args.to_sampling_config(eos_token_ids=eos_token_ids(self.processing_class))
         self.loss_config = args.to_loss_config()
         if fit is not None:
@@ -804,7 +807,6 @@ class GRPOTrainer:
         ``state.opt_state``, ``state.key``, ``state.step``; ``state.train`` is the
         :class:`grpo.core.state.TrainState`)."""
         view = self._state_view
-        view.train = self.train_state
         view.epoch = float(self.sampler.epoch)
         return view
 

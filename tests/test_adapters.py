@@ -39,7 +39,7 @@ def first_run(tiny_model_dir, tmp_path_factory):
 
 
 def _assert_continues(trainer, saved):
-    params = flat_numpy(trainer.policy.params)
+    params = flat_numpy(trainer.train_state.params)
     assert set(params) == set(saved)
     for k, v in saved.items():
         np.testing.assert_array_equal(params[k], v, err_msg=k)

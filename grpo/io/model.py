@@ -32,7 +32,8 @@ class Policy:
 
     Attributes:
         model: the ``mlx.nn.Module`` (LoRA layers already inserted for ``kind="lora"``).
-        params: initial trainable parameter tree (what ``TrainState.params`` starts from).
+        params: initial trainable parameter tree (what ``TrainState.params`` starts from);
+            the trainer sets it to ``None`` once its state holds them.
         ref_params: tree to ``model.update`` for the reference forward (adapters off for
             LoRA; a frozen copy of the initial weights for a full fine-tune), or ``None``
             when no reference is needed (``beta == 0``).
