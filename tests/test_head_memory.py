@@ -8,6 +8,7 @@ import pytest
 from reference_numpy import np_entropy, np_log_softmax, np_token_logprobs
 
 from grpo.core.batch import LossBatch, pack
+from grpo.core import logprobs
 from grpo.core.logprobs import head_chunk_rows, head_logprobs
 from grpo.core.loss import LossConfig, grpo_loss
 
@@ -57,8 +58,11 @@ def test_values_match_numpy(chunk_rows, tau):
     np.testing.assert_allclose(np.array(only), np.array(logp), atol=1e-6)
 
 
+@pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1, 4, 100])
-def test_gradients_match_numpy(chunk_rows):
+def test_gradients_match_numpy(chunk_rows, linear, monkeypatch):
+    # Vocabulary blocks of 2 columns and up: the linear path's backward runs over several.
+    monkeypatch.setattr(logprobs, "MIN_VOCAB_BLOCK", 2)
     h, W, y = _case(seed=1)
     w = np.random.default_rng(2).standard_normal(y.shape).astype(np.float32)
 
@@ -71,6 +75,7 @@ def test_gradients_match_numpy(chunk_rows):
             temperature=0.8,
             with_entropy=True,
             chunk_rows=chunk_rows,
+            linear=linear,
         )
         return (mx.array(w) * lp).sum() + 0.3 * ent.sum()
 

@@ -11,6 +11,7 @@ import pytest
 from helpers import flat_numpy
 from hypothesis import given
 from hypothesis import strategies as st
+from mlx.utils import tree_flatten
 
 import grpo  # noqa: F401
 from grpo.config import GRPOConfig
@@ -18,6 +19,7 @@ from grpo.core.optim import make_optimizer, make_schedule
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import (
     bucket_length,
+    clip_by_global_norm,
     make_train_step,
     per_sequence_weights,
     per_token_weights,
@@ -191,6 +193,37 @@ def test_grad_norm_and_clipping_against_numpy():
     scale = 0.01 / (norm + 1e-6)
     np.testing.assert_allclose(p0["weight"][0] - p1["weight"][0], gw * scale, rtol=1e-4)
     np.testing.assert_allclose(p0["bias"][0] - p1["bias"][0], gb * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])
+def test_clip_by_global_norm_matches_mlx_clip_grad_norm(dtype, max_norm):
+    rng = np.random.default_rng(0)
+    tree = {
+        "a": mx.array(rng.standard_normal((7, 5)) * 3, dtype=dtype),
+        "b": [mx.array(rng.standard_normal(11), dtype=dtype), mx.array([2.0], dtype=dtype)],
+    }
+    got, norm = clip_by_global_norm(tree, max_norm)
+    f64 = [np.array(x.astype(mx.float32), np.float64) for _, x in tree_flatten(tree)]
+    want_norm = np.sqrt(sum((x**2).sum() for x in f64))
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    np.testing.assert_allclose(norm.item(), want_norm, rtol=tol)
+    want, _ = optim.clip_grad_norm(tree, max_norm if max_norm > 0 else float("inf"))
+    for (k, g), (_, w) in zip(tree_flatten(got), tree_flatten(want), strict=True):
+        assert g.dtype == dtype, k
+        np.testing.assert_allclose(
+            np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)), rtol=tol
+        )
+
+
+def test_global_norm_allocates_no_gradient_sized_temporary():
+    g = {"w": mx.random.normal((1024, 1024)), "b": mx.random.normal((1024, 512))}
+    mx.eval(g)
+    size = sum(x.nbytes for _, x in tree_flatten(g))
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(clip_by_global_norm(g, 1.0)[1])
+    assert mx.get_peak_memory() - base < size / 8, (mx.get_peak_memory() - base, size)
 
 
 # -- purity and compile ------------------------------------------------------------------

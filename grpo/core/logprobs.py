@@ -249,9 +249,10 @@ def head_logprobs(
         with_entropy: also return per-token entropies (differentiable).
         chunk_rows: positions per chunk (:func:`head_chunk_rows`).
         linear: ``head_fn(params, h)`` is ``h @ params[0].T`` (checked by the caller, e.g.
-            :func:`grpo.core.lm.check_linear_head`): the backward then adds each chunk's
-            weight gradient into the running sum inside one ``addmm`` (no separate add
-            pass over ``[V, D]`` per chunk).
+            :func:`grpo.core.lm.check_linear_head`): the backward then runs over blocks of
+            the vocabulary instead of blocks of positions
+            (:func:`_linear_head_logprobs`), so it never accumulates a ``[V, D]`` weight
+            gradient chunk by chunk.
 
     Returns:
         ``logprobs [N, T]`` float32, or ``(logprobs, entropies)`` with ``with_entropy``.
@@ -264,6 +265,13 @@ def head_logprobs(
         )
     if chunk_rows < 1:
         raise ValueError(f"head_logprobs: chunk_rows must be >= 1, got {chunk_rows!r}")
+    if linear:
+        outs = _linear_head_logprobs(
+            hidden.reshape(N * T, D), tokens.reshape(N * T).astype(mx.int32), params[0],
+            temperature=temperature, with_entropy=with_entropy, chunk_rows=chunk_rows,
+        )  # fmt: skip
+        outs = [o.reshape(N, T) for o in outs]
+        return tuple(outs) if with_entropy else outs[0]
     blocks = _head_blocks(N * T, chunk_rows)
     chunk = _logp_entropy_chunk if with_entropy else _logp_chunk
 
@@ -295,15 +303,6 @@ def head_logprobs(
             cb = [c[r0:r1][None] for c in cots]
             ob = [o[r0:r1][None] for o in outs]
             g = _grad_chunk(logits, yb, cb, ob, temperature)[0]
-            if linear:
-                W = ps[0]
-                g2 = g.reshape(-1, W.shape[0]).astype(W.dtype)
-                dh_b = (g2 @ W).astype(hb.dtype)
-                dW = g2.T @ hb if dps is None else mx.addmm(dps[0], g2.T, hb)
-                dh.append(dh_b)
-                dps = [dW]
-                prev = [dh_b, dW]
-                continue
             _, grads = mx.vjp(lambda x, *w: logits_of(x, w), [hb, *ps], [g])
             dh.append(grads[0])
             dps = grads[1:] if dps is None else [a + b for a, b in zip(dps, grads[1:], strict=True)]
@@ -313,3 +312,88 @@ def head_logprobs(
     outs = f(hidden.reshape(N * T, D), tokens.reshape(N * T).astype(mx.int32), *params)
     outs = [o.reshape(N, T) for o in outs]
     return tuple(outs) if with_entropy else outs[0]
+
+
+# ------------------------------------------------------------ the linear head's path
+
+# Vocabulary columns per backward block, at least (the block shape is [positions, Vb]).
+MIN_VOCAB_BLOCK = 128
+
+
+def _vocab_blocks(R: int, V: int, max_elements: int) -> list[tuple[int, int]]:
+    cols = min(V, max(MIN_VOCAB_BLOCK, max_elements // max(R, 1)))
+    return [(v, min(v + cols, V)) for v in range(0, V, cols)]
+
+
+def _linear_head_logprobs(h, y, W, *, temperature, with_entropy, chunk_rows):
+    r""":func:`head_logprobs` for ``logits = h @ W.T``: ``h [R, D]``, ``y [R]``, ``W [V, D]``.
+
+    The forward runs ``chunk_rows`` positions at a time, like the generic path, and also
+    returns each position's log-sum-exp. The backward runs a block of vocabulary rows at a
+    time over all ``R`` positions (``[R, Vb]`` logits, ``R * Vb <= chunk_rows * V``):
+
+    .. math:: g_{r,v} = \frac{c_r(\mathbb 1[v = y_r] - p_{r,v})
+              - e_r\, p_{r,v}(\log p_{r,v} + H_r)}{\tau}, \quad
+              \frac{\partial L}{\partial W_{b}} = g_{:, b}^\top h, \quad
+              \frac{\partial L}{\partial h} = \sum_b g_{:, b} W_b
+
+    with ``p`` rebuilt from the saved log-sum-exp (no second reduction), ``c`` and ``e``
+    the cotangents of the log-probs and entropies. Each block of the weight gradient is
+    written once, and the running sum is over ``[R, D]``: a row-blocked backward instead
+    adds a ``[V, D]`` partial gradient per chunk, a full read and write of the weight's
+    size each time (and two such buffers alive, since MLX does not reuse the running sum's
+    buffer under a dependency edge).
+    """
+    R, D = h.shape
+    V = W.shape[0]
+    rows = _head_blocks(R, chunk_rows)
+    cols = _vocab_blocks(R, V, chunk_rows * V)
+    tau = float(temperature)
+
+    @mx.custom_function
+    def f(h, y, W):
+        outs, prev = [], None
+        for r0, r1 in rows:
+            hb = h[r0:r1] if prev is None else mx.depends(h[r0:r1], prev)
+            z = _scaled_f32(hb @ W.T, tau)
+            lse = fastmath.logsumexp(z, axis=-1, keepdims=True)
+            out = [_gathered(z, y[r0:r1]) - lse[:, 0], lse[:, 0]]
+            if with_entropy:
+                logp_all = z - lse
+                out.append(-(fastmath.exp(logp_all) * logp_all).sum(axis=-1))
+            prev = out
+            outs.append(out)
+        return tuple(mx.concatenate(k, axis=0) for k in zip(*outs, strict=True))
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        h, y, W = primals
+        c = cotangents[0].astype(mx.float32)[:, None]
+        lse = outputs[1][:, None]
+        if with_entropy:
+            e = cotangents[2].astype(mx.float32)[:, None]
+            H = outputs[2][:, None]
+        dh, dW, prev = None, [], None
+        for v0, v1 in cols:
+            # Each block waits for the previous one's gradients, so only one block's
+            # logits and their float32 temporaries are alive at a time.
+            hb = h if prev is None else mx.depends(h, prev)
+            Wb = W[v0:v1]
+            logp = _scaled_f32(hb @ Wb.T, tau) - lse
+            p = fastmath.exp(logp)
+            hit = (mx.arange(v0, v1)[None, :] == y[:, None]).astype(mx.float32)
+            g = (hit - p) * c
+            if with_entropy:
+                g = g - p * (logp + H) * e
+            g = (g if tau == 1.0 else g / tau).astype(W.dtype)
+            dh = g @ Wb if dh is None else mx.addmm(dh, g, Wb)
+            dW.append(g.T @ hb)
+            prev = [dh, dW[-1]]
+        dW = mx.concatenate(dW, axis=0)
+        # The blocks become one array before anything downstream of ``dh`` runs; left to
+        # the scheduler, the concatenation can wait until the end of the backward, with
+        # the blocks (one weight's size) alive through all of it.
+        return mx.depends(dh.astype(h.dtype), [dW]), mx.zeros_like(y), dW
+
+    logp, _, *entropy = f(h, y, W)
+    return [logp, *entropy]
