@@ -28,7 +28,7 @@ first's, which also compiles and allocates the optimizer state). Reported: ``mx.
 the step, and the process's peak RSS (``ru_maxrss``).
 
     .venv/bin/python bench/memory.py --tokens 64 512 1024 2048 --modes lora full \\
-        --lora-python /path/to/venv-with-mlx-lm-lora/bin/python --json bench/results/memory.json \\
+        --lora-python .venv-lora/bin/python --json bench/results/memory.json \\
         --plot docs/memory.png
 """
 

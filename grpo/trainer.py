@@ -1016,7 +1016,8 @@ class GRPOTrainer:
         with ``num_generations_eval`` (default ``num_generations``) completions each, sampled
         from a fixed key so evaluations at different steps are comparable and the training
         RNG is untouched. A dict of eval sets (or a ``DatasetDict``) evaluates each under
-        ``eval_<name>_``.
+        ``eval_<name>_``. With ``rollout_quantization`` the completions come from the
+        quantized sampler and the loss is corrected for it, as TRL evaluates with vLLM.
         """
         dataset = self.eval_dataset if eval_dataset is None else _load_eval(eval_dataset)
         if self.rollout_func is not None or self._tool_loop is not None:
@@ -1041,6 +1042,9 @@ class GRPOTrainer:
         )
         key = mx.random.key(self.args.seed + 1)
         extra = [c for c in (column_names(dataset) or []) if c != "prompt"]
+        # TRL evaluates with its generation engine: with rollout_quantization that is the
+        # quantized copy, and the eval loss carries the same sampler correction.
+        params, model = self.rollout_policy()
         per_chunk: list[dict] = []
         rows = list(dataset)
         for start in range(0, len(rows), B):
@@ -1051,11 +1055,11 @@ class GRPOTrainer:
                 continue
             key, sub = mx.random.split(key)
             roll, scores, _, _ = evaluate_rewards(
-                self.train_state.params,
+                params,
                 sub,
                 [chunk[i] for i in keep],
                 [ids[i] for i in keep],
-                model=self.model,
+                model=model,
                 tokenizer=self.processing_class,
                 sampling=sampling,
                 reward_funcs=self.reward_funcs,
@@ -1077,7 +1081,9 @@ class GRPOTrainer:
         # The training loss and its metrics on an eval chunk, without a gradient or update.
         self.model.eval()
         try:
-            batch = self._loss_batch(self._pad(roll), advantages)
+            batch = self._loss_batch(
+                self._pad(roll), advantages, quantized=self.rollout_model is not None
+            )
             loss, metrics = self._loss_fn(self.train_state.params, batch)
             mx.eval(loss, metrics)
         finally:

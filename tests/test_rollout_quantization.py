@@ -14,6 +14,7 @@ from helpers import PROMPTS, tiny_args
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import grpo  # noqa: F401
+import grpo.evaluate
 from grpo import cli
 from grpo.core.quantize import quantized_copy, quantized_params, rollout_group_size
 from grpo.errors import ConfigError
@@ -191,6 +192,29 @@ def test_old_logprobs_are_the_float_policys_and_the_ratio_is_trls(tiny_model_dir
     np.testing.assert_allclose(np.array(flat.sampler_ratio), ratio, rtol=1e-5)
     for name in MISMATCH_METRICS:
         assert name in gen.metrics
+
+
+def test_evaluate_samples_from_the_quantized_copy_and_corrects_the_loss(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    trainer = _trainer(tiny_model_dir, tmp_path, rollout_quantization=4, beta=0.01)
+    sampled_with, batches = [], []
+    real_rollout, real_batch = grpo.evaluate.rollout, trainer._loss_batch
+
+    def recording_rollout(params, key, prompts, *, model, sampling):
+        sampled_with.append(model)
+        return real_rollout(params, key, prompts, model=model, sampling=sampling)
+
+    def recording_batch(*args, **kw):
+        batches.append(real_batch(*args, **kw))
+        return batches[-1]
+
+    monkeypatch.setattr(grpo.evaluate, "rollout", recording_rollout)
+    trainer._loss_batch = recording_batch
+    out = trainer.evaluate(PROMPTS[:2])
+    assert sampled_with and all(m is trainer.rollout_model for m in sampled_with)
+    assert all(b.sampler_ratio is not None for b in batches)
+    assert math.isfinite(out["eval_loss"])
 
 
 def test_correction_off_keeps_sampling_logprobs_without_a_weight(tiny_model_dir, tmp_path):

@@ -285,6 +285,8 @@ def test_resume_lora_adapters_into_a_full_finetune(tiny_model_dir, tmp_path, che
         (dict(num_generations=2), "saved with num_generations=4, this run has num_generations=2"),
         (dict(seed=1), "saved with seed=0, this run has seed=1"),
         (dict(shuffle_dataset=False), "saved with shuffle_dataset=True"),
+        # Another sampler: the resumed run would not draw the trajectories it would have.
+        (dict(rollout_quantization=8), "saved with rollout_quantization=None, this run has"),
     ],
 )
 def test_resume_with_other_run_settings_names_the_field(

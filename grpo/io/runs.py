@@ -50,6 +50,8 @@ RESUME_FIELDS = (
     "lora_target_modules",
     "quantize_bits",
     "quantize_group_size",
+    "rollout_quantization",
+    "rollout_quantization_group_size",
 )
 
 
