@@ -273,6 +273,7 @@ def run_child(python: str, model_dir: str, engine: str, mode: str, T: int, gc: b
         return {"engine": engine, "mode": mode, "T": T, "gc": gc, "error": " | ".join(tail)}
     r = json.loads(lines[-1][len("RESULT ") :])
     r["load"] = [load, os.getloadavg()[0]]
+    r["measured_step"] = 1 if ONE_STEP or os.environ.get("GRPO_BENCH_ONE_STEP") == "1" else 2
     return r
 
 
@@ -282,14 +283,16 @@ def _num(x) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| T | mode | ckpt | engine | step peak MiB (mx) | peak RSS MiB | weights MiB | "
+    # "step": which optimizer step's peak (2: the second, which starts with the optimizer
+    # state resident; 1: --one-step, the first). Rows from before the column are --one-step.
+    head = ("| T | mode | ckpt | engine | step | step peak MiB (mx) | peak RSS MiB | weights MiB | "
             "grpo (ckpt) / engine (mx peak) | grpo (ckpt) / engine (RSS) | s/step |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     out = [head]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['T']} | {r['mode']} | {'on' if r['gc'] else 'off'} | {r['engine']} "
-                       f"| error: {r['error'][:80]} | | | | | |")  # fmt: skip
+                       f"| | error: {r['error'][:80]} | | | | | |")  # fmt: skip
             continue
         # Ratios against grpo at its default geometry (8 rows per micro-batch) for this
         # (T, mode): with gradient checkpointing (GRPOConfig's default, as TRL's) if run.
@@ -303,7 +306,7 @@ def markdown(rows: list[dict]) -> str:
         weights = r.get("weights_mib")
         out.append(
             f"| {r['T']} | {r['mode']} | {'on' if r['gc'] else 'off'} | {r['engine']} | "
-            f"{_num(mx_peak)} | {r['rss_mib']:.0f} | {_num(weights)} | {ratio} | {rss_ratio} | "
+            f"{r.get('measured_step', 1)} | {_num(mx_peak)} | {r['rss_mib']:.0f} | {_num(weights)} | {ratio} | {rss_ratio} | "
             f"{r['step_s']:.2f} |"
         )
     return "\n".join(out)
