@@ -237,7 +237,9 @@ def head_logprobs(
 
     The ``N * T`` positions go through the head ``chunk_rows`` at a time, and the backward
     recomputes each chunk's logits instead of keeping them: neither pass holds anything of
-    size ``[N, T, V]``, only ``[chunk_rows, V]`` temporaries and one gradient per weight.
+    size ``[N, T, V]``, only ``[chunk_rows, V]`` temporaries and one gradient per weight
+    (with ``linear``, the backward's blocks are ``[N * T, Vb]`` of at most as many
+    elements, but never narrower than :data:`MIN_VOCAB_BLOCK` columns).
 
     Args:
         head_fn: ``head_fn(params, h [1, c, D]) -> logits [1, c, V]``, a pure function of
