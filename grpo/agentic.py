@@ -145,11 +145,15 @@ def make_tool_loop(trainer) -> ToolLoop | None:
 # -- generation -------------------------------------------------------------------------------
 
 
-def generate(trainer, batch, key: mx.array) -> Generated:
-    """One generation batch by ``rollout_func`` or the tool loop."""
+def generate(trainer, batch, key: mx.array, *, sampling=None) -> Generated:
+    """One generation batch by ``rollout_func`` or the tool loop.
+
+    ``sampling`` overrides the trainer's (``evaluate()`` samples ``num_generations_eval``
+    completions per prompt); its ``group_size`` is the rows per prompt in ``batch``.
+    """
     if trainer.rollout_func is not None:
         return _custom(trainer, batch)
-    return _with_tools(trainer, batch, key)
+    return _with_tools(trainer, batch, key, trainer.sampling if sampling is None else sampling)
 
 
 def _rows(batch, *, with_prompt: bool) -> list[dict]:
@@ -173,8 +177,8 @@ def _encode(trainer, prompt, tools, *, row: int) -> list[int]:
     return ids
 
 
-def _with_tools(trainer, batch, key) -> Generated:
-    N, G = len(batch.prompts), trainer.args.num_generations
+def _with_tools(trainer, batch, key, sampling) -> Generated:
+    N, G = len(batch.prompts), sampling.group_size
     prompts, columns = list(batch.prompts), dict(batch.columns)
     envs = trainer._environments
     if envs is not None:
@@ -195,7 +199,6 @@ def _with_tools(trainer, batch, key) -> Generated:
         _encode(trainer, p, t, row=i)
         for i, (p, t) in enumerate(zip(prompts, rendered, strict=True))
     ]
-    sampling = trainer.sampling
     if all(ids[i] == ids[i - i % G] for i in range(N)):
         ids = ids[::G]  # every group shares its prompt: prefill it once
     else:

@@ -74,6 +74,7 @@ from grpo.flow import Flow
 from grpo.io import checkpoint as ckpt
 from grpo.io import faults, runlock, runs
 from grpo.io.data import (
+    PromptBatch,
     PromptEncoder,
     PromptSampler,
     PromptTooLongError,
@@ -1018,13 +1019,11 @@ class GRPOTrainer:
         RNG is untouched. A dict of eval sets (or a ``DatasetDict``) evaluates each under
         ``eval_<name>_``. With ``rollout_quantization`` the completions come from the
         quantized sampler and the loss is corrected for it, as TRL evaluates with vLLM.
+        With ``tools``, environments or a ``rollout_func`` the completions come from the
+        tool loop or the ``rollout_func`` as in training (``rollout_func`` sees the eval
+        key as ``trainer.generation_key``), and the ``tools/*`` metrics are reported too.
         """
         dataset = self.eval_dataset if eval_dataset is None else _load_eval(eval_dataset)
-        if self.rollout_func is not None or self._tool_loop is not None:
-            raise ConfigError(
-                "evaluate() samples single-turn completions; with tools, environments or a "
-                "rollout_func it is not supported yet"
-            )
         if dataset is None:
             raise ConfigError("evaluate() needs an eval_dataset (here or in the constructor)")
         if isinstance(dataset, dict):
@@ -1049,11 +1048,14 @@ class GRPOTrainer:
         rows = list(dataset)
         for start in range(0, len(rows), B):
             chunk = rows[start : start + B]
+            key, sub = mx.random.split(key)
+            if self.rollout_func is not None or self._tool_loop is not None:
+                per_chunk.append(self._eval_agentic(chunk, start, sub, sampling, advantages))
+                continue
             ids = [self.encoder(r["prompt"], row=start + i) for i, r in enumerate(chunk)]
             keep = [i for i, x in enumerate(ids) if x is not None]
             if not keep:
                 continue
-            key, sub = mx.random.split(key)
             roll, scores, _, _ = evaluate_rewards(
                 params,
                 sub,
@@ -1077,12 +1079,47 @@ class GRPOTrainer:
         self._callback("on_evaluate", out)
         return out
 
-    def _eval_loss(self, roll: Rollout, advantages: mx.array) -> dict[str, float]:
+    def _eval_agentic(self, chunk, start: int, key, sampling, advantages) -> dict[str, float]:
+        # One eval chunk through the tool loop or the rollout_func, as training generates:
+        # every row repeated G times, rewards with the same columns (environments too).
+        G = sampling.group_size
+        extra = sorted({c for r in chunk for c in r if c != "prompt"})
+        batch = PromptBatch(
+            prompts=[r["prompt"] for r in chunk for _ in range(G)],
+            columns={c: [r.get(c) for r in chunk for _ in range(G)] for c in extra},
+            indices=list(range(start, start + len(chunk))),
+            prompt_ids=None,
+        )
+        train_key, self.generation_key = getattr(self, "generation_key", None), key
+        try:
+            out = agentic.generate(self, batch, key, sampling=sampling)
+        finally:
+            self.generation_key = train_key
+        completion_ids, texts = self._decode(out.rollout)
+        scores = score(
+            out.prompts, texts if out.completions is None else out.completions, completion_ids,
+            self.reward_funcs, columns=out.columns, timeout=self.args.reward_timeout,
+        )  # fmt: skip
+        adv = advantages(scores.rewards_per_func, self.reward_weights)
+        m = reward_metrics(
+            scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
+        )
+        m.update(_completion_metrics(out.rollout, out.tool_mask))
+        m.update(out.metrics)
+        m.update(self._eval_loss(out.rollout, adv.advantages, tool_mask=out.tool_mask))
+        return m
+
+    def _eval_loss(
+        self, roll: Rollout, advantages: mx.array, *, tool_mask: mx.array | None = None
+    ) -> dict[str, float]:
         # The training loss and its metrics on an eval chunk, without a gradient or update.
         self.model.eval()
         try:
+            roll = self._pad(roll)
+            if tool_mask is not None:
+                tool_mask = pad_right(tool_mask, roll.completion_ids.shape[1], 0.0)
             batch = self._loss_batch(
-                self._pad(roll), advantages, quantized=self.rollout_model is not None
+                roll, advantages, tool_mask=tool_mask, quantized=self.rollout_model is not None
             )
             loss, metrics = self._loss_fn(self.train_state.params, batch)
             mx.eval(loss, metrics)

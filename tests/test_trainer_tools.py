@@ -508,3 +508,54 @@ def test_rollout_func_missing_keys_are_named(tiny_model_dir, tmp_path):
     )
     with pytest.raises(ValueError, match=r"rollout_func must return keys \['logprobs'\]"):
         trainer.train()
+
+
+# -------------------------------------------------------------- evaluate()
+
+
+def test_evaluate_with_a_rollout_func_equals_the_built_in_evaluation(tiny_model_dir, tmp_path):
+    def sevens(completions, **kwargs):
+        return [sum(ch == "7" for ch in c) / max(len(c), 1) for c in completions]
+
+    data = [{"prompt": p} for p in ["a", "b", "cd", "efg"]]
+    args = dict(max_steps=1, num_generations=4, per_device_train_batch_size=8,
+                max_completion_length=6, beta=0.04)  # fmt: skip
+    plain = GRPOTrainer(
+        str(tiny_model_dir), sevens, args=tiny_args(tmp_path / "a", **args), train_dataset=data
+    )
+    custom = GRPOTrainer(
+        str(tiny_model_dir), sevens, args=tiny_args(tmp_path / "b", **args), train_dataset=data,
+        rollout_func=_plain_rollout,
+    )  # fmt: skip
+    want, got = plain.evaluate(data), custom.evaluate(data)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert getattr(custom, "generation_key", None) is None  # the eval key was not left behind
+
+
+def test_evaluate_runs_the_tool_loop_and_reports_tool_metrics(qwen, tmp_path):
+    def policy(ctx, g):
+        if not _first_turn(ctx):
+            return "Done!"
+        return [CALL.format("multiply", '{"a": 3, "b": 4}'), "no tool", "no tool"][g]
+
+    trainer = _trainer(qwen, tmp_path, policy=policy, tools=[multiply], reward_funcs=reward_len)
+    out = trainer.evaluate([{"prompt": [{"role": "user", "content": "hi"}]}] * 2)
+    assert out["eval_tools/call_frequency"] == pytest.approx(1 / 3)
+    assert out["eval_tools/calls/multiply"] == pytest.approx(1 / 3)
+    assert out["eval_tools/failure_frequency"] == 0.0
+    # Rows 0 end with "Done!" after the tool's answer, rows 1 and 2 with "no tool".
+    assert out["eval_reward"] == pytest.approx((len("Done!") + 2 * len("no tool")) / 3)
+    assert np.isfinite(out["eval_loss"])
+
+
+def test_evaluate_with_an_environment_owned_reward(qwen, tmp_path):
+    trainer = _trainer(
+        qwen, tmp_path, policy=_counter_policy, environment_factory=ScoredCounter,
+        train_dataset=None,
+    )  # fmt: skip
+    out = trainer.evaluate([{"prompt": [{"role": "user", "content": "count"}]}])
+    # Of the 3 completions one increments by 1: the environment's reward is 1, 0, 0.
+    assert out["eval_rewards/ScoredCounter/mean"] == pytest.approx(1 / 3)
+    assert out["eval_tools/call_frequency"] == pytest.approx(2 / 3)
