@@ -1048,14 +1048,16 @@ class GRPOTrainer:
         rows = list(dataset)
         for start in range(0, len(rows), B):
             chunk = rows[start : start + B]
-            key, sub = mx.random.split(key)
             if self.rollout_func is not None or self._tool_loop is not None:
-                per_chunk.append(self._eval_agentic(chunk, start, sub, sampling, advantages))
+                key, sub = mx.random.split(key)
+                gen, scores = self._eval_agentic(chunk, start, sub, sampling)
+                per_chunk.append(self._eval_metrics(gen.rollout, scores, advantages, gen))
                 continue
             ids = [self.encoder(r["prompt"], row=start + i) for i, r in enumerate(chunk)]
             keep = [i for i, x in enumerate(ids) if x is not None]
             if not keep:
                 continue
+            key, sub = mx.random.split(key)
             roll, scores, _, _ = evaluate_rewards(
                 params,
                 sub,
@@ -1068,18 +1070,12 @@ class GRPOTrainer:
                 columns=extra,
                 timeout=self.args.reward_timeout,
             )
-            adv = advantages(scores.rewards_per_func, self.reward_weights)
-            m = reward_metrics(
-                scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
-            )
-            m.update(_completion_metrics(roll, None))
-            m.update(self._eval_loss(roll, adv.advantages))
-            per_chunk.append(m)
+            per_chunk.append(self._eval_metrics(roll, scores, advantages))
         out = {f"{metric_key_prefix}_{k}": v for k, v in average_metrics(per_chunk).items()}
         self._callback("on_evaluate", out)
         return out
 
-    def _eval_agentic(self, chunk, start: int, key, sampling, advantages) -> dict[str, float]:
+    def _eval_agentic(self, chunk, start: int, key, sampling):
         # One eval chunk through the tool loop or the rollout_func, as training generates:
         # every row repeated G times, rewards with the same columns (environments too).
         G = sampling.group_size
@@ -1092,21 +1088,26 @@ class GRPOTrainer:
         )
         train_key, self.generation_key = getattr(self, "generation_key", None), key
         try:
-            out = agentic.generate(self, batch, key, sampling=sampling)
+            gen = agentic.generate(self, batch, key, sampling=sampling)
         finally:
             self.generation_key = train_key
-        completion_ids, texts = self._decode(out.rollout)
+        completion_ids, texts = self._decode(gen.rollout)
         scores = score(
-            out.prompts, texts if out.completions is None else out.completions, completion_ids,
-            self.reward_funcs, columns=out.columns, timeout=self.args.reward_timeout,
+            gen.prompts, texts if gen.completions is None else gen.completions, completion_ids,
+            self.reward_funcs, columns=gen.columns, timeout=self.args.reward_timeout,
         )  # fmt: skip
+        return gen, scores
+
+    def _eval_metrics(self, roll: Rollout, scores, advantages, gen=None) -> dict[str, float]:
+        # One eval chunk's rewards, completion lengths, tool metrics and loss.
+        tool_mask = None if gen is None else gen.tool_mask
         adv = advantages(scores.rewards_per_func, self.reward_weights)
         m = reward_metrics(
             scores.rewards_per_func, self.reward_weights, adv.is_std_zero, names=scores.names
         )
-        m.update(_completion_metrics(out.rollout, out.tool_mask))
-        m.update(out.metrics)
-        m.update(self._eval_loss(out.rollout, adv.advantages, tool_mask=out.tool_mask))
+        m.update(_completion_metrics(roll, tool_mask))
+        m.update({} if gen is None else gen.metrics)
+        m.update(self._eval_loss(roll, adv.advantages, tool_mask=tool_mask))
         return m
 
     def _eval_loss(

@@ -60,34 +60,49 @@ def _gathered(z: mx.array, tokens: mx.array) -> mx.array:
     return mx.take_along_axis(z, tokens[..., None].astype(mx.int32), axis=-1)[..., 0]
 
 
-def _logp_chunk(logits: mx.array, tokens: mx.array, temperature: float) -> mx.array:
+def _logp_lse(logits: mx.array, tokens: mx.array, temperature: float, with_entropy: bool):
+    # [log p(y), log-sum-exp] (+ [entropy]) over the last axis, in float32.
     z = _scaled_f32(logits, temperature)
-    return _gathered(z, tokens) - fastmath.logsumexp(z, axis=-1)
+    lse = fastmath.logsumexp(z, axis=-1, keepdims=True)
+    out = [_gathered(z, tokens) - lse[..., 0], lse[..., 0]]
+    if with_entropy:
+        logp_all = z - lse
+        # -sum p log p on the normalised log-probs (TRL's entropy_from_logits), not
+        # lse - sum p z, which cancels badly for large logits.
+        out.append(-(fastmath.exp(logp_all) * logp_all).sum(axis=-1))
+    return out
+
+
+def _logp_chunk(logits: mx.array, tokens: mx.array, temperature: float) -> mx.array:
+    return _logp_lse(logits, tokens, temperature, False)[0]
 
 
 def _logp_entropy_chunk(logits: mx.array, tokens: mx.array, temperature: float):
-    z = _scaled_f32(logits, temperature)
-    lse = fastmath.logsumexp(z, axis=-1, keepdims=True)
+    logp, _, entropy = _logp_lse(logits, tokens, temperature, True)
+    return logp, entropy
+
+
+def _dlogits(z, lse, hit, cotangents, entropy, temperature):
+    # d logp_t / dz = (onehot(y_t) - p_t) / tau ;  d H_t / dz = -p_t (log p_t + H_t) / tau,
+    # with p rebuilt from the log-sum-exp in one exp pass. ``hit`` is the one-hot of y over
+    # z's columns; ``cotangents`` (and ``entropy``) broadcast against z.
     logp_all = z - lse
-    # -sum p log p on the normalised log-probs (TRL's entropy_from_logits), not lse - sum p z,
-    # which cancels badly for large logits.
-    entropy = -(fastmath.exp(logp_all) * logp_all).sum(axis=-1)
-    return _gathered(z, tokens) - lse[..., 0], entropy
+    p = fastmath.exp(logp_all)
+    g = (hit.astype(mx.float32) - p) * cotangents[0]
+    if len(cotangents) > 1:
+        g = g - p * (logp_all + entropy) * cotangents[1]
+    return g if temperature == 1.0 else g / temperature
 
 
 def _grad_chunk(logits, tokens, cotangents, outputs, temperature):
-    # d logp_t / dz = (onehot(y_t) - p_t) / tau ;  d H_t / dz = -p_t (log p_t + H_t) / tau.
-    # The forward's outputs give lse = z_y - logp_y, so one exp pass rebuilds p (no
-    # second logsumexp); H comes from the forward's entropy output.
+    # The forward's outputs give lse = z_y - logp_y (no second logsumexp); H comes from
+    # the forward's entropy output.
     z = _scaled_f32(logits, temperature)
-    lse = _gathered(z, tokens) - outputs[0]
-    logp_all = z - lse[..., None]
-    p = fastmath.exp(logp_all)
-    onehot = mx.arange(z.shape[-1])[None, None, :] == tokens[..., None].astype(mx.int32)
-    g = (onehot.astype(mx.float32) - p) * cotangents[0][..., None]
-    if len(cotangents) > 1:
-        g = g - p * (logp_all + outputs[1][..., None]) * cotangents[1][..., None]
-    return (g if temperature == 1.0 else g / temperature).astype(logits.dtype)
+    lse = (_gathered(z, tokens) - outputs[0])[..., None]
+    hit = mx.arange(z.shape[-1])[None, None, :] == tokens[..., None].astype(mx.int32)
+    cots = [c[..., None] for c in cotangents]
+    entropy = outputs[1][..., None] if len(cotangents) > 1 else None
+    return _dlogits(z, lse, hit, cots, entropy, temperature).astype(logits.dtype)
 
 
 def _serial_map(fn, x, y, blocks):
@@ -357,12 +372,7 @@ def _linear_head_logprobs(h, y, W, *, temperature, with_entropy, chunk_rows):
         outs, prev = [], None
         for r0, r1 in rows:
             hb = h[r0:r1] if prev is None else mx.depends(h[r0:r1], prev)
-            z = _scaled_f32(hb @ W.T, tau)
-            lse = fastmath.logsumexp(z, axis=-1, keepdims=True)
-            out = [_gathered(z, y[r0:r1]) - lse[:, 0], lse[:, 0]]
-            if with_entropy:
-                logp_all = z - lse
-                out.append(-(fastmath.exp(logp_all) * logp_all).sum(axis=-1))
+            out = _logp_lse(hb @ W.T, y[r0:r1], tau, with_entropy)
             prev = out
             outs.append(out)
         return tuple(mx.concatenate(k, axis=0) for k in zip(*outs, strict=True))
@@ -370,24 +380,20 @@ def _linear_head_logprobs(h, y, W, *, temperature, with_entropy, chunk_rows):
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         h, y, W = primals
-        c = cotangents[0].astype(mx.float32)[:, None]
         lse = outputs[1][:, None]
-        if with_entropy:
-            e = cotangents[2].astype(mx.float32)[:, None]
-            H = outputs[2][:, None]
+        # Cotangents of (log p, log-sum-exp, entropy): the log-sum-exp output is internal.
+        picked = [cotangents[0], cotangents[2]] if with_entropy else [cotangents[0]]
+        cots = [c.astype(mx.float32)[:, None] for c in picked]
+        entropy = outputs[2][:, None] if with_entropy else None
         dh, dW, prev = None, [], None
         for v0, v1 in cols:
             # Each block waits for the previous one's gradients, so only one block's
             # logits and their float32 temporaries are alive at a time.
             hb = h if prev is None else mx.depends(h, prev)
             Wb = W[v0:v1]
-            logp = _scaled_f32(hb @ Wb.T, tau) - lse
-            p = fastmath.exp(logp)
-            hit = (mx.arange(v0, v1)[None, :] == y[:, None]).astype(mx.float32)
-            g = (hit - p) * c
-            if with_entropy:
-                g = g - p * (logp + H) * e
-            g = (g if tau == 1.0 else g / tau).astype(W.dtype)
+            hit = mx.arange(v0, v1)[None, :] == y[:, None]
+            z = _scaled_f32(hb @ Wb.T, tau)
+            g = _dlogits(z, lse, hit, cots, entropy, tau).astype(W.dtype)
             dh = g @ Wb if dh is None else mx.addmm(dh, g, Wb)
             dW.append(g.T @ hb)
             prev = [dh, dW[-1]]
