@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -491,6 +492,14 @@ class GRPOTrainer:
         self.rollout_model, self.rollout_group_size = None, None
         if bits is None:
             return
+        if mx.default_device() == mx.cpu:
+            warnings.warn(
+                "rollout_quantization on MLX's CPU backend: the quantized copy sampled 4-20x "
+                "slower than the float policy in our CPU measurements (docs/benchmarks.md, "
+                "'Quantized rollout'); it is meant for Metal, where quantized matmuls are fast",
+                UserWarning,
+                stacklevel=3,
+            )
         try:
             group = rollout_group_size(self.model, self.args.rollout_quantization_group_size)
             self.rollout_model = quantized_copy(self.model, bits=bits, group_size=group)

@@ -22,6 +22,10 @@ from grpo.io.logging import read_metrics
 from grpo.io.model import quantize
 from grpo.trainer import GRPOTrainer
 
+# Every trainer here is on the CPU backend, where the slow-sampler warning is expected; one
+# test below checks it.
+pytestmark = pytest.mark.filterwarnings("ignore:rollout_quantization on MLX's CPU backend")
+
 MISMATCH_METRICS = (
     "sampling/sampling_logp_difference/mean",
     "sampling/sampling_logp_difference/max",
@@ -304,3 +308,9 @@ def test_tool_loop_samples_from_the_quantized_copy(tmp_path):
     assert used == [trainer.rollout_model]
     assert gen.windows[0].sampler_ratio is not None
     assert all(name in gen.metrics for name in MISMATCH_METRICS)
+
+
+def test_the_cpu_backend_warns_that_the_quantized_sampler_is_slow(tiny_model_dir, tmp_path):
+    assert mx.default_device() == mx.cpu  # this suite runs on the CPU backend
+    with pytest.warns(UserWarning, match=r"rollout_quantization on MLX's CPU backend.*Metal"):
+        _trainer(tiny_model_dir, tmp_path)
