@@ -105,13 +105,18 @@ def evaluate_rewards(
     Returns:
         ``(rollout, scores, completion_ids, texts)``.
     """
-    G = sampling.group_size
     roll = rollout(params, key, list(prompt_ids), model=model, sampling=sampling)
     ids, texts = decode_rollout(roll, tokenizer)
-    prompts = [r["prompt"] for r in rows for _ in range(G)]
-    repeated = {c: [r.get(c) for r in rows for _ in range(G)] for c in columns}
+    prompts, repeated = repeat_rows(rows, sampling.group_size, columns)
     scores = score(prompts, texts, ids, reward_funcs, columns=repeated, timeout=timeout)
     return roll, scores, ids, texts
+
+
+def repeat_rows(rows: Sequence[dict], G: int, columns: Sequence[str]) -> tuple[list, dict]:
+    """Each row's ``prompt`` and ``columns`` repeated ``G`` times (group-contiguous), as a
+    generation batch lays them out: ``(prompts, {column: values})``."""
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    return prompts, {c: [r.get(c) for r in rows for _ in range(G)] for c in columns}
 
 
 def _roll_and_score(model, tokenizer, chunk, ids, key, sampling, reward_funcs, extra):

@@ -70,7 +70,7 @@ from grpo.core.score import (
 from grpo.core.state import TrainState, init_state
 from grpo.core.step import bucket_length, make_train_step
 from grpo.errors import CheckpointError, ConfigError, NumericsError
-from grpo.evaluate import evaluate_rewards
+from grpo.evaluate import evaluate_rewards, repeat_rows
 from grpo.flow import Flow
 from grpo.io import checkpoint as ckpt
 from grpo.io import faults, runlock, runs
@@ -1050,16 +1050,18 @@ class GRPOTrainer:
         )
         key = mx.random.key(self.args.seed + 1)
         extra = [c for c in (column_names(dataset) or []) if c != "prompt"]
+        agentic_run = self.rollout_func is not None or self._tool_loop is not None
         # TRL evaluates with its generation engine: with rollout_quantization that is the
-        # quantized copy, and the eval loss carries the same sampler correction.
-        params, model = self.rollout_policy()
+        # quantized copy, and the eval loss carries the same sampler correction. (The tool
+        # loop takes its sampler itself.)
+        params, model = (None, None) if agentic_run else self.rollout_policy()
         per_chunk: list[dict] = []
         rows = list(dataset)
         for start in range(0, len(rows), B):
             chunk = rows[start : start + B]
-            if self.rollout_func is not None or self._tool_loop is not None:
+            if agentic_run:
                 key, sub = mx.random.split(key)
-                gen, scores = self._eval_agentic(chunk, start, sub, sampling)
+                gen, scores = self._eval_agentic(chunk, start, sub, sampling, extra)
                 per_chunk.append(self._eval_metrics(gen.rollout, scores, advantages, gen))
                 continue
             ids = [self.encoder(r["prompt"], row=start + i) for i, r in enumerate(chunk)]
@@ -1084,17 +1086,12 @@ class GRPOTrainer:
         self._callback("on_evaluate", out)
         return out
 
-    def _eval_agentic(self, chunk, start: int, key, sampling):
+    def _eval_agentic(self, chunk, start: int, key, sampling, columns):
         # One eval chunk through the tool loop or the rollout_func, as training generates:
         # every row repeated G times, rewards with the same columns (environments too).
-        G = sampling.group_size
-        extra = sorted({c for r in chunk for c in r if c != "prompt"})
-        batch = PromptBatch(
-            prompts=[r["prompt"] for r in chunk for _ in range(G)],
-            columns={c: [r.get(c) for r in chunk for _ in range(G)] for c in extra},
-            indices=list(range(start, start + len(chunk))),
-            prompt_ids=None,
-        )
+        prompts, repeated = repeat_rows(chunk, sampling.group_size, columns)
+        indices = list(range(start, start + len(chunk)))
+        batch = PromptBatch(prompts, repeated, indices, prompt_ids=None)
         train_key, self.generation_key = getattr(self, "generation_key", None), key
         try:
             gen = agentic.generate(self, batch, key, sampling=sampling)

@@ -234,6 +234,17 @@ def _head_blocks(R: int, rows: int) -> list[tuple[int, int]]:
     return [(r, min(r + rows, R)) for r in range(0, R, rows)]
 
 
+def _row_chunks(fn, h: mx.array, y: mx.array, blocks) -> tuple:
+    # fn(h[r0:r1], y[r0:r1]) -> list of [r1 - r0] outputs, block after block (each waits
+    # for the previous one's outputs, so one block's logits are alive at a time), joined.
+    outs, prev = [], None
+    for r0, r1 in blocks:
+        hb = h[r0:r1] if prev is None else mx.depends(h[r0:r1], prev)
+        prev = fn(hb, y[r0:r1])
+        outs.append(prev)
+    return tuple(mx.concatenate(k, axis=0) for k in zip(*outs, strict=True))
+
+
 def head_logprobs(
     head_fn,
     hidden: mx.array,
@@ -297,13 +308,11 @@ def head_logprobs(
 
     @mx.custom_function
     def f(h, y, *ps):
-        outs, prev = [], None
-        for r0, r1 in blocks:
-            hb = h[r0:r1] if prev is None else mx.depends(h[r0:r1], prev)
-            out = chunk(logits_of(hb, ps), y[r0:r1], temperature)
-            prev = list(out) if isinstance(out, tuple) else [out]
-            outs.append(prev)
-        return tuple(mx.concatenate(k, axis=0) for k in zip(*outs, strict=True))
+        def one(hb, yb):
+            out = chunk(logits_of(hb, ps), yb, temperature)
+            return list(out) if isinstance(out, tuple) else [out]
+
+        return _row_chunks(one, h, y, blocks)
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
@@ -369,13 +378,7 @@ def _linear_head_logprobs(h, y, W, *, temperature, with_entropy, chunk_rows):
 
     @mx.custom_function
     def f(h, y, W):
-        outs, prev = [], None
-        for r0, r1 in rows:
-            hb = h[r0:r1] if prev is None else mx.depends(h[r0:r1], prev)
-            out = _logp_lse(hb @ W.T, y[r0:r1], tau, with_entropy)
-            prev = out
-            outs.append(out)
-        return tuple(mx.concatenate(k, axis=0) for k in zip(*outs, strict=True))
+        return _row_chunks(lambda hb, yb: _logp_lse(hb @ W.T, yb, tau, with_entropy), h, y, rows)
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
